@@ -1,0 +1,31 @@
+"""batchplate: correct minibatch training of probabilistic programs in Pyro.
+
+Mark the plate over your minibatch with :func:`batch_plate` and swap Pyro's
+objective for batchplate's: importance-weighted objectives then take the
+logsumexp over particles per datum, ELBO gradients have the per-datum scale,
+and guides that couple data points are caught.
+"""
+
+from .errors import BatchPlateError
+from .evaluate import log_evidence
+from .independence import IndependenceReport, check_batch_independence
+from .objectives import VIMCO, BatchObjective, RenyiELBO, Trace_ELBO
+from .plate import BatchFrame, batch_plate
+from .weights import LogWeights, log_weights
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BatchFrame",
+    "BatchObjective",
+    "BatchPlateError",
+    "IndependenceReport",
+    "LogWeights",
+    "RenyiELBO",
+    "Trace_ELBO",
+    "VIMCO",
+    "batch_plate",
+    "check_batch_independence",
+    "log_evidence",
+    "log_weights",
+]

@@ -1,0 +1,8 @@
+"""Objectives: thin reductions of the ``[K, B]`` per-datum log weights."""
+
+from .base import BatchObjective
+from .elbo import Trace_ELBO
+from .renyi import RenyiELBO
+from .vimco import VIMCO
+
+__all__ = ["BatchObjective", "RenyiELBO", "Trace_ELBO", "VIMCO"]

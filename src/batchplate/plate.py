@@ -1,0 +1,94 @@
+"""The batch plate: a ``pyro.plate`` that marks "the datum" for the objectives.
+
+A batch plate behaves exactly like :func:`pyro.plate` (vectorized as a context
+manager, sequential as an iterator, with subsampling and broadcasting), so a
+program written with it still runs under stock Pyro objectives and gives
+Pyro's numbers there. The only difference is that every sample site inside it
+carries a :class:`BatchFrame` in its ``cond_indep_stack``; batchplate's
+objectives use that frame to group log probabilities per datum.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pyro.poutine.indep_messenger import CondIndepStackFrame
+from pyro.poutine.runtime import _PYRO_STACK
+from pyro.primitives import plate
+
+from .errors import BatchPlateError
+
+
+class BatchFrame(CondIndepStackFrame):
+    """A :class:`~pyro.poutine.indep_messenger.CondIndepStackFrame` of a batch plate.
+
+    It compares and hashes like the plain frame, so Pyro's own machinery
+    (model/guide matching, broadcasting, Rao-Blackwellization) is unaffected.
+    """
+
+    __slots__ = ()
+
+    @property
+    def datum(self) -> int:
+        """Position of this frame's datum in the minibatch (sequential plates)."""
+        return self.counter - 1
+
+
+class batch_plate(plate):
+    """Mark the plate over the data of a minibatch.
+
+    Use it exactly like :func:`pyro.plate`, in the model and in the guide::
+
+        with batch_plate("data", len(x)):          # vectorized
+            z = pyro.sample("z", dist.Normal(0., 1.))
+            pyro.sample("x", dist.Normal(z, 1.), obs=x)
+
+        for i in batch_plate("data", len(x)):      # sequential
+            ...
+
+    :param name: plate name, shared by model and guide.
+    :param size: size of the dataset ``N`` (or of the minibatch when not subsampling).
+    :param subsample_size: draw a random minibatch of this size ``B``.
+    :param subsample: explicit minibatch indices (a 1-D tensor of length ``B``).
+    :param dim: the batch dimension, counting from the right (vectorized use).
+    :param device: device of the subsample indices.
+
+    Inside a batch plate, Pyro's own subsampling scale ``N/B`` applies as usual,
+    so stock Pyro objectives see an ordinary plate. batchplate's objectives
+    remove that scale from the per-datum log weights and apply it once in
+    ``reduction="sum"``.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        size: int,
+        subsample_size: int | None = None,
+        subsample: torch.Tensor | None = None,
+        dim: int | None = None,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if size is None:
+            raise BatchPlateError(
+                f"batch_plate('{name}') needs a size: the number of data N in the dataset "
+                "(or in the minibatch, when not subsampling)."
+            )
+        if isinstance(device, torch.device):
+            device = str(device)
+        super().__init__(name, size, subsample_size, subsample, dim, device=device)
+
+    def __enter__(self) -> Any:
+        for messenger in _PYRO_STACK:
+            if isinstance(messenger, batch_plate) and messenger is not self:
+                raise BatchPlateError(
+                    f"batch_plate('{self.name}') is nested inside batch_plate('{messenger.name}'). "
+                    "A program has exactly one batch plate, the plate over the minibatch; "
+                    "use pyro.plate for plates inside a datum."
+                )
+        return super().__enter__()
+
+    def _process_message(self, msg: Any) -> None:
+        super()._process_message(msg)
+        stack = msg["cond_indep_stack"]
+        msg["cond_indep_stack"] = (BatchFrame(*stack[0]),) + stack[1:]
