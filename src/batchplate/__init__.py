@@ -9,7 +9,7 @@ and guides that couple data points are caught.
 from .errors import BatchPlateError
 from .evaluate import log_evidence
 from .independence import IndependenceReport, check_batch_independence
-from .objectives import VIMCO, BatchObjective, RenyiELBO, Trace_ELBO
+from .objectives import VIMCO, BatchObjective, RenyiELBO, ReweightedWakeSleep, Trace_ELBO
 from .plate import BatchFrame, batch_plate
 from .weights import LogWeights, log_weights
 
@@ -22,6 +22,7 @@ __all__ = [
     "IndependenceReport",
     "LogWeights",
     "RenyiELBO",
+    "ReweightedWakeSleep",
     "Trace_ELBO",
     "VIMCO",
     "batch_plate",

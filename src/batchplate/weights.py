@@ -18,12 +18,13 @@ batch plate's own ``N/B`` subsampling scale.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.infer.util import MultiFrameTensor, is_validation_enabled, site_is_subsample
 from pyro.poutine import Trace
 from pyro.util import check_model_guide_match, check_site_shape
@@ -139,6 +140,13 @@ def _trace_pair(
     if detach_guide:
         guide_trace.detach_()
     model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return _scored(model_trace, guide_trace, max_plate_nesting)
+
+
+def _scored(
+    model_trace: Trace, guide_trace: Trace, max_plate_nesting: float
+) -> tuple[Trace, Trace]:
+    """Check a trace pair and compute its log probs."""
     if is_validation_enabled():
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
     # Subsample sites stay in the traces (their indices name data in error
@@ -153,6 +161,33 @@ def _trace_pair(
     return model_trace, guide_trace
 
 
+def _sleep_pair(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    max_plate_nesting: float,
+    detach_guide: bool,
+) -> tuple[Trace, Trace]:
+    """Fantasize ``(z, x) ~ p`` for every datum slot, then score the guide on them.
+
+    As in Pyro's RWS, the guide gets the fantasy observations through the
+    ``observations=`` keyword, so amortized guides condition on them.
+    """
+    model_trace = poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
+    model_trace.detach_()
+    observations = {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and site["infer"].get("was_observed"):
+            site["is_observed"] = True
+            observations[name] = site["value"]
+    guide_kwargs = dict(kwargs, observations=observations)
+    guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(
+        *args, **guide_kwargs
+    )
+    return _scored(model_trace, guide_trace, max_plate_nesting)
+
+
 def sample_traces(
     model: Callable,
     guide: Callable,
@@ -163,12 +198,15 @@ def sample_traces(
     vectorize_particles: bool,
     max_plate_nesting: int,
     detach_guide: bool = False,
+    sleep: bool = False,
 ) -> list[tuple[Trace, Trace]]:
     """Draw ``K`` particles: one vectorized (model, guide) trace pair, or ``K`` pairs.
 
     ``max_plate_nesting`` counts the program's own vectorized plates; the
-    particle plate goes one dim further left.
+    particle plate goes one dim further left. With ``sleep=True`` the model is
+    run first, unconditioned, and the guide is scored on its fantasies.
     """
+    pair = _sleep_pair if sleep else _trace_pair
     if vectorize_particles and num_particles > 1:
         nesting = max_plate_nesting + 1
 
@@ -176,15 +214,13 @@ def sample_traces(
             return pyro.plate(PARTICLE_PLATE, num_particles, dim=-nesting)(fn)
 
         try:
-            return [
-                _trace_pair(particles(model), particles(guide), args, kwargs, nesting, detach_guide)
-            ]
+            return [pair(particles(model), particles(guide), args, kwargs, nesting, detach_guide)]
         except (RuntimeError, TypeError, ValueError) as e:
             if isinstance(e, BatchPlateError) or not any(m in str(e) for m in _DYNAMIC_MESSAGES):
                 raise
             raise dynamic_program_error(e) from e
     return [
-        _trace_pair(model, guide, args, kwargs, max_plate_nesting, detach_guide)
+        pair(model, guide, args, kwargs, max_plate_nesting, detach_guide)
         for _ in range(num_particles)
     ]
 
@@ -251,6 +287,16 @@ def _site_log_prob(site: dict, batch: BatchInfo) -> torch.Tensor:
     if batch.full_size != batch.size:
         log_prob = log_prob / batch.subsample_scale
     return log_prob
+
+
+def _site_score_log_prob(site: dict) -> torch.Tensor:
+    """The site's log prob for its score function: masked but never scaled.
+
+    A user's ``poutine.scale`` reweights the site's term in the objective, but
+    the particle was still drawn from the unscaled ``q``, so ``grad log q`` is
+    unscaled. Masked entries are dropped, as in Pyro.
+    """
+    return scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
 
 
 def _same_plate(a: BatchFrame, b: BatchFrame) -> bool:
@@ -349,7 +395,12 @@ def compute_log_weights(
                     cols[1].add(value, datum)
                     if not _is_reparameterized(site):
                         has_score = True
-                        cols[2].add(value, datum)
+                        score = _site_score_log_prob(site)
+                        if batch.vectorized:
+                            score = _to_kb(score, particle_dim, batch.dim)
+                        else:
+                            score = _to_kb(score, particle_dim, None)
+                        cols[2].add(score, datum)
         if cols is None:
             raise BatchPlateError(
                 "The model and guide have no sample sites: there is nothing to weigh. "
@@ -420,7 +471,7 @@ def _rao_blackwellized_score(pair: tuple[Trace, Trace], batch: BatchInfo, K: int
         if site["type"] != "sample" or not _contributes(site) or _is_reparameterized(site):
             continue
         key, particle_dim = group_of(site)
-        log_q = _site_log_prob(site, batch)
+        log_q = _site_score_log_prob(site)
         # The site's own term is in its group, so the cost has the particle dim.
         cost = groups[key].sum_to(site["cond_indep_stack"])
         if particle_dim is not None and -particle_dim <= cost.dim():
@@ -434,34 +485,6 @@ def _rao_blackwellized_score(pair: tuple[Trace, Trace], batch: BatchInfo, K: int
 # ---------------------------------------------------------------------------
 # Public entry point
 # ---------------------------------------------------------------------------
-
-
-def iter_log_weights(
-    model: Callable,
-    guide: Callable,
-    args: tuple,
-    kwargs: dict,
-    *,
-    num_particles: int,
-    chunk_size: int,
-    vectorize_particles: bool,
-    max_plate_nesting: int,
-) -> Iterator[LogWeights]:
-    """Yield :class:`LogWeights` for ``num_particles`` particles in chunks."""
-    done = 0
-    while done < num_particles:
-        k = min(chunk_size, num_particles - done)
-        pairs = sample_traces(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=k,
-            vectorize_particles=vectorize_particles,
-            max_plate_nesting=max_plate_nesting,
-        )
-        yield compute_log_weights(pairs, k)
-        done += k
 
 
 def log_weights(

@@ -3,6 +3,7 @@
 from .base import BatchObjective
 from .elbo import Trace_ELBO
 from .renyi import RenyiELBO
+from .rws import ReweightedWakeSleep
 from .vimco import VIMCO
 
-__all__ = ["BatchObjective", "RenyiELBO", "Trace_ELBO", "VIMCO"]
+__all__ = ["BatchObjective", "RenyiELBO", "ReweightedWakeSleep", "Trace_ELBO", "VIMCO"]

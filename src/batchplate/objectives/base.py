@@ -101,20 +101,36 @@ class BatchObjective(ELBO):
         detach_guide: bool = False,
     ) -> LogWeights:
         """Run model and guide for ``num_particles`` particles; return the ``[K, B]`` weights."""
-        vectorize = self.vectorize_particles and self.num_particles > 1
+        pairs = self._draw(
+            model, guide, args, kwargs, self.num_particles, detach_guide=detach_guide
+        )
+        return compute_log_weights(pairs, self.num_particles, elbo_score=self._needs_elbo_score)
+
+    def _draw(
+        self,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        num_particles: int,
+        *,
+        detach_guide: bool = False,
+        sleep: bool = False,
+    ) -> list:
+        vectorize = self.vectorize_particles and num_particles > 1
         if vectorize and self.max_plate_nesting == math.inf:
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        pairs = sample_traces(
+        return sample_traces(
             model,
             guide,
             args,
             kwargs,
-            num_particles=self.num_particles,
+            num_particles=num_particles,
             vectorize_particles=vectorize,
             max_plate_nesting=self.max_plate_nesting,
             detach_guide=detach_guide,
+            sleep=sleep,
         )
-        return compute_log_weights(pairs, self.num_particles, elbo_score=self._needs_elbo_score)
 
     def reduce(self, per_datum: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         """Mean over the batch, or ``N/B`` times the sum."""

@@ -1,0 +1,1 @@
+"""Runnable examples; each module has a ``main(argv)`` used by ``batchplate run``."""
