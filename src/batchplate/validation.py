@@ -8,11 +8,9 @@ rules cost nothing beyond that walk.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
-from pyro.infer.util import site_is_subsample
 
 from .errors import BatchPlateError
 from .plate import BatchFrame
@@ -139,17 +137,18 @@ def dynamic_program_error(error: Exception) -> BatchPlateError:
     )
 
 
-def _datum_index(pairs: Sequence, batch: BatchInfo, b: int) -> str:
-    if batch.full_size == batch.size:
+def _datum_index(subsample: torch.Tensor | None, b: int) -> str:
+    if subsample is None:
         return ""
-    site = pairs[0][0].nodes.get(batch.name)
-    if site is not None and site_is_subsample(site):
-        return f" (dataset index {int(site['value'][b])})"
-    return ""
+    return f" (dataset index {int(subsample[b])})"
 
 
 def report_non_finite(
-    log_w: torch.Tensor, sites: list, batch: BatchInfo, pairs: Sequence, vectorized_particles: bool
+    log_w: torch.Tensor,
+    sites: list,
+    batch: BatchInfo,
+    subsample: torch.Tensor | None,
+    vectorized_particles: bool,
 ) -> BatchPlateError:
     """Rule 5: name the datum, the particle and the sites with non-finite densities."""
     bad = (~torch.isfinite(log_w)).nonzero()
@@ -173,7 +172,7 @@ def report_non_finite(
     shown = data if len(data) <= 10 else data[:10] + ["..."]
     return BatchPlateError(
         f"Non-finite log weight l[k={k}, b={b}] = {float(log_w[k, b])} at datum {b}"
-        f"{_datum_index(pairs, batch, b)} of batch plate '{batch.name}'; {cause}. "
+        f"{_datum_index(subsample, b)} of batch plate '{batch.name}'; {cause}. "
         f"Data with non-finite weights: {shown}. Check the data at those indices, the support "
         "of the guide against the model's, and the guide's parameters."
     )

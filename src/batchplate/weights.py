@@ -18,7 +18,7 @@ batch plate's own ``N/B`` subsampling scale.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import pyro
@@ -199,7 +199,7 @@ def sample_traces(
     max_plate_nesting: int,
     detach_guide: bool = False,
     sleep: bool = False,
-) -> list[tuple[Trace, Trace]]:
+) -> Iterable[tuple[Trace, Trace]]:
     """Draw ``K`` particles: one vectorized (model, guide) trace pair, or ``K`` pairs.
 
     ``max_plate_nesting`` counts the program's own vectorized plates; the
@@ -219,10 +219,12 @@ def sample_traces(
             if isinstance(e, BatchPlateError) or not any(m in str(e) for m in _DYNAMIC_MESSAGES):
                 raise
             raise dynamic_program_error(e) from e
-    return [
+    # A generator: compute_log_weights reduces each pair as it is drawn, so the
+    # K traces (and their Python objects) are never alive at once.
+    return (
         pair(model, guide, args, kwargs, max_plate_nesting, detach_guide)
         for _ in range(num_particles)
-    ]
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -336,17 +338,21 @@ def _batch_frame(site: dict, role: str, model_trace: Trace) -> tuple[BatchFrame,
 
 
 def compute_log_weights(
-    pairs: list[tuple[Trace, Trace]],
+    pairs: Iterable[tuple[Trace, Trace]],
     num_particles: int,
     *,
     elbo_score: bool = False,
 ) -> LogWeights:
     """Reduce (model, guide) trace pairs to :class:`LogWeights`.
 
-    ``pairs`` holds one vectorized pair (particles in the particle plate, or a
-    single particle) or one pair per particle.
+    ``pairs`` is a one-element sequence holding a vectorized pair (particles in
+    the particle plate, or a single particle), or any iterable of one pair per
+    particle (traces are dropped as soon as they are reduced).
     """
-    vectorized_particles = len(pairs) == 1
+    vectorized_particles = num_particles == 1 or (isinstance(pairs, Sequence) and len(pairs) == 1)
+    if vectorized_particles:
+        pairs = list(pairs)
+    subsample = None  # the batch plate's dataset indices, for error messages
     K_trace = num_particles if vectorized_particles else 1
     batch: BatchInfo | None = None
     first: tuple[BatchFrame, str, str] | None = None  # (frame, role, site) that set the plate
@@ -388,7 +394,7 @@ def compute_log_weights(
                     value = _to_kb(log_prob, particle_dim, None)
                     datum = frame.datum
                 like = value
-                sites.append(_Site(role, name, value, datum, index))
+                sites.append(_Site(role, name, value.detach(), datum, index))
                 if role == "model":
                     cols[0].add(value, datum)
                 else:
@@ -406,6 +412,10 @@ def compute_log_weights(
                 "The model and guide have no sample sites: there is nothing to weigh. "
                 "Put the model's observations inside a batch_plate."
             )
+        if index == 0:
+            subsample_site = model_trace.nodes.get(batch.name)
+            if subsample_site is not None and site_is_subsample(subsample_site):
+                subsample = subsample_site["value"]
         if not batch.vectorized:
             check_sequential_coverage(batch, cols[0].per_datum, "model")
         rows_p.append(cols[0].result(K_trace, like))
@@ -416,7 +426,7 @@ def compute_log_weights(
     log_q = torch.cat(rows_q) if len(rows_q) > 1 else rows_q[0]
     log_w = log_p - log_q
     if not bool(torch.isfinite(log_w.detach()).all()):
-        raise report_non_finite(log_w.detach(), sites, batch, pairs, vectorized_particles)
+        raise report_non_finite(log_w.detach(), sites, batch, subsample, vectorized_particles)
     score_log_q = None
     if has_score:
         score_log_q = torch.cat(rows_s) if len(rows_s) > 1 else rows_s[0]

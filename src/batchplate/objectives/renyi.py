@@ -20,9 +20,11 @@ class RenyiELBO(BatchObjective):
 
     the logsumexp over particles is taken **per datum**, then the batch is
     averaged (``reduction="mean"``) or summed with the ``N/B`` scale
-    (``reduction="sum"``). Stock Pyro sums the batch into a single weight
-    first whenever the batch plate is sequential or particles are not
-    vectorized, which gives a looser, wrong bound.
+    (``reduction="sum"``). Stock :class:`pyro.infer.RenyiELBO` keeps a
+    vectorized plate's dim but then *sums* the per-datum bounds (``B`` times
+    the mean, with ``B`` times larger gradients); with a sequential plate it
+    sums the batch into one joint weight before the logsumexp, which gives a
+    looser, wrong bound.
 
     Gradients: reparameterized sites by autodiff, which weighs particle ``k``
     of datum ``b`` by ``softmax_k((1-alpha) l[k, b])``. Non-reparameterized
