@@ -1,0 +1,536 @@
+"""The self-test of :mod:`batchplate.distributed`: split ranks equal one process.
+
+``python -m batchplate.distributed --selftest --nproc 2`` starts ``nproc``
+worker processes on loopback (gloo, ``127.0.0.1``, a free port chosen by a
+TCP store that this process hosts), gives them unequal shards of one global
+minibatch, and runs a list of cases on them; meanwhile it runs the same cases
+in this process on the concatenated batch. Losses, gradients, parameters after
+SVI steps and gathered per-datum evidence are compared, rank by rank.
+
+Same random draws. Batchplate's objectives are per datum, so the only thing
+that can differ between one process and ``R`` ranks is which random numbers
+each datum gets. The test programs draw every latent (guide particles, and
+the model's sleep-phase fantasies) from a *per-datum stream*: a
+``torch.Generator`` seeded by the datum's global dataset index. A datum's
+draws then do not depend on which rank holds it, how large the shard is, or
+its position in the batch: ``StreamNormal`` (reparameterized,
+``loc + scale * eps`` with ``eps`` from the datum's stream) and
+``StreamBernoulli`` (``u < p`` with ``u`` from the stream, scored as a usual
+Bernoulli). Everything runs in float64 so that differences show the
+summation order only (about 1e-15), not float32 rounding.
+
+Failures: every collective has a timeout of half the overall ``--timeout``;
+the launcher kills the remaining ranks as soon as one fails, and all of them
+when the overall deadline passes, and then exits non-zero with the failing
+rank's error.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyro
+import pyro.distributions as pdist
+import torch
+import torch.distributed as tdist
+
+from . import distributed as bd
+from .evaluate import log_evidence
+from .objectives import VIMCO, RenyiELBO, ReweightedWakeSleep, Trace_ELBO
+from .plate import batch_plate
+
+N = 20  # dataset size
+SEED = 12345
+
+
+# ---------------------------------------------------------------------------
+# Per-datum random streams
+# ---------------------------------------------------------------------------
+
+
+class Streams:
+    """One ``torch.Generator`` per datum, seeded by the datum's global index."""
+
+    def __init__(self, seed: int = SEED) -> None:
+        self.seed = seed
+        self.generators: dict[int, torch.Generator] = {}
+
+    def __call__(self, index: int) -> torch.Generator:
+        if index not in self.generators:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+            self.generators[index] = g
+        return self.generators[index]
+
+    def noise(self, idx: list[int], kind: str) -> Callable[[torch.Size], torch.Tensor]:
+        """A noise function for a site whose last batch dim holds the data ``idx``
+        (or, with one index, a site of that single datum)."""
+        draw = torch.randn if kind == "normal" else torch.rand
+
+        def fn(shape: torch.Size) -> torch.Tensor:
+            if len(idx) == 1 and (len(shape) == 0 or shape[-1] != 1):
+                return draw(shape, generator=self(idx[0]), dtype=torch.float64)
+            if shape[-1] != len(idx):
+                raise RuntimeError(f"site shape {tuple(shape)} has no datum dim of {len(idx)}")
+            cols = [draw(shape[:-1], generator=self(i), dtype=torch.float64) for i in idx]
+            return torch.stack(cols, dim=-1)
+
+        return fn
+
+
+class StreamNormal(pdist.Normal):
+    """``Normal(loc, scale)`` whose reparameterized draws take ``eps`` from per-datum streams."""
+
+    def __init__(self, loc, scale, noise: Callable, validate_args=None) -> None:
+        super().__init__(loc, scale, validate_args=validate_args)
+        self.noise = noise
+
+    def expand(self, batch_shape, _instance=None):
+        shape = torch.Size(batch_shape)
+        return StreamNormal(self.loc.expand(shape), self.scale.expand(shape), self.noise)
+
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        return self.loc + self.scale * self.noise(shape)
+
+
+class StreamBernoulli(pdist.Bernoulli):
+    """``Bernoulli(logits)`` drawing ``u < p`` with ``u`` from the datum's stream."""
+
+    def __init__(self, logits, noise: Callable, validate_args=None) -> None:
+        super().__init__(logits=logits, validate_args=validate_args)
+        self.noise = noise
+
+    def expand(self, batch_shape, _instance=None):
+        return StreamBernoulli(self.logits.expand(torch.Size(batch_shape)), self.noise)
+
+    def sample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        with torch.no_grad():
+            return (self.noise(shape) < self.probs.expand(shape)).to(self.probs.dtype)
+
+
+# ---------------------------------------------------------------------------
+# Programs: a conjugate Gaussian (vectorized and sequential) and the seed's geometric
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    x: torch.Tensor  # [N] conjugate observations
+    obs: torch.Tensor  # [N] geometric observations
+    batch: torch.Tensor  # the global minibatch: dataset indices, [B]
+    sizes: list[int]  # shard sizes, sum B
+
+
+def make_data(nproc: int) -> Data:
+    g = torch.Generator().manual_seed(0)
+    w = 8.5 + torch.randn(N, generator=g, dtype=torch.float64)
+    x = w + 0.75 * torch.randn(N, generator=g, dtype=torch.float64)
+    obs = torch.randint(0, 4, (N,), generator=g)
+    B = 4 * nproc
+    batch = torch.randperm(N, generator=g)[:B]
+    sizes = [4] * nproc
+    if nproc > 1:  # unequal shards, e.g. 5 and 3
+        sizes[0], sizes[-1] = 5, 3
+    return Data(x, obs, batch, sizes)
+
+
+def shard(data: Data, rank: int | None) -> list[int]:
+    """Global indices of rank ``rank``'s shard, or the whole batch (``rank=None``)."""
+    if rank is None:
+        return data.batch.tolist()
+    start = sum(data.sizes[:rank])
+    return data.batch[start : start + data.sizes[rank]].tolist()
+
+
+def _plate(idx: list[int], subsample: bool, name: str = "data", dim: int | None = -1):
+    if subsample:
+        return batch_plate(name, N, subsample=torch.tensor(idx), dim=dim)
+    return batch_plate(name, len(idx), dim=dim)
+
+
+def conjugate(streams: Streams, layout: str):
+    """``w ~ N(m, 1)``, ``x | w ~ N(w, 0.75)``; guide ``N(a x + c, exp(log_r))``."""
+
+    def params():
+        f64 = torch.float64
+        m = pyro.param("m", torch.tensor(8.0, dtype=f64))
+        a = pyro.param("a", torch.tensor(0.5, dtype=f64))
+        c = pyro.param("c", torch.tensor(3.0, dtype=f64))
+        log_r = pyro.param("log_r", torch.tensor(math.log(0.8), dtype=f64))
+        return m, a, c, log_r
+
+    def model(x, idx, subsample, observations=None):
+        m, *_ = params()
+        if layout == "vectorized":
+            with _plate(idx, subsample):
+                w = pyro.sample(
+                    "w", StreamNormal(m, torch.ones_like(m), streams.noise(idx, "normal"))
+                )
+                noise = streams.noise(idx, "normal")
+                pyro.sample("x", StreamNormal(w, 0.75 * torch.ones_like(w), noise), obs=x)
+            return
+        for pos, _ in enumerate(_plate(idx, subsample, dim=None)):
+            g = [idx[pos]]
+            w = pyro.sample(
+                f"w_{g[0]}", StreamNormal(m, torch.ones_like(m), streams.noise(g, "normal"))
+            )
+            noise = streams.noise(g, "normal")
+            pyro.sample(f"x_{g[0]}", StreamNormal(w, 0.75 * torch.ones_like(w), noise), obs=x[pos])
+
+    def guide(x, idx, subsample, observations=None):
+        _, a, c, log_r = params()
+        inputs = x if observations is None else observations["x"]
+        if layout == "vectorized":
+            with _plate(idx, subsample):
+                loc = a * inputs + c
+                pyro.sample(
+                    "w", StreamNormal(loc, log_r.exp().expand_as(loc), streams.noise(idx, "normal"))
+                )
+            return
+        for pos, _ in enumerate(_plate(idx, subsample, dim=None)):
+            g = [idx[pos]]
+            loc = a * x[pos] + c
+            pyro.sample(f"w_{g[0]}", StreamNormal(loc, log_r.exp(), streams.noise(g, "normal")))
+
+    return model, guide
+
+
+def geometric(streams: Streams):
+    """The seed's program: a geometric number of Bernoulli sites per datum (dynamic)."""
+
+    def draws(prefix: str, idx: int, logits: torch.Tensor) -> int:
+        g, i = 0, 0
+        noise = streams.noise([idx], "uniform")
+        while pyro.sample(f"{prefix}_{i}", StreamBernoulli(logits, noise)).item() != 1:
+            g, i = g + 1, i + 1
+        return g
+
+    def model(obs, idx, subsample):
+        logits = pyro.param("model_logits", torch.tensor(0.0, dtype=torch.float64))
+        for pos, _ in enumerate(_plate(idx, subsample, name="batch", dim=None)):
+            g = draws(f"{idx[pos]}", idx[pos], logits)
+            match = torch.tensor(float(g == int(obs[pos])), dtype=torch.float64)
+            p = torch.tensor(0.99, dtype=torch.float64)
+            pyro.sample(f"obs_{idx[pos]}", pdist.Bernoulli(probs=p), obs=match)
+
+    def guide(obs, idx, subsample):
+        logits = pyro.param("guide_logits", torch.tensor(0.3, dtype=torch.float64))
+        for pos, _ in enumerate(_plate(idx, subsample, name="batch", dim=None)):
+            draws(f"{idx[pos]}", idx[pos], logits)
+
+    return model, guide
+
+
+# ---------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    program: str  # "vectorized", "sequential", "geometric"
+    make_objective: Callable[[], object]
+    subsample: bool = False
+    mode: str = "grads"  # "grads", "accumulate", "svi", "torch", "evidence"
+
+
+CASES = (
+    Case("vec ELBO mean", "vectorized", lambda: Trace_ELBO(3, vectorize_particles=True)),
+    Case(
+        "vec IWAE sum subsampled",
+        "vectorized",
+        lambda: RenyiELBO(alpha=0, num_particles=4, vectorize_particles=True, reduction="sum"),
+        subsample=True,
+    ),
+    Case(
+        "seq ELBO sum subsampled",
+        "sequential",
+        lambda: Trace_ELBO(2, vectorize_particles=True, reduction="sum"),
+        subsample=True,
+    ),
+    Case("vec VIMCO sum shards", "vectorized", lambda: VIMCO(3, reduction="sum")),
+    Case("seq IWAE mean K traces", "sequential", lambda: RenyiELBO(alpha=0, num_particles=3)),
+    Case("geometric VIMCO mean", "geometric", lambda: VIMCO(3, vectorize_particles=False)),
+    Case(
+        "geometric RWS wake-wake",
+        "geometric",
+        lambda: ReweightedWakeSleep(3, insomnia=1.0, vectorize_particles=False),
+    ),
+    Case(
+        "vec RWS insomnia=.5 sum sub",
+        "vectorized",
+        lambda: ReweightedWakeSleep(3, insomnia=0.5, reduction="sum"),
+        subsample=True,
+    ),
+    Case(
+        "vec SVI Renyi(.5) 3 SGD steps",
+        "vectorized",
+        lambda: RenyiELBO(alpha=0.5, num_particles=3, vectorize_particles=True),
+        mode="svi",
+    ),
+    Case(
+        "vec torch loop RWS sleep",
+        "vectorized",
+        lambda: ReweightedWakeSleep(3, insomnia=0.0),
+        mode="torch",
+    ),
+    Case(
+        "vec ELBO accumulate 2 calls",
+        "vectorized",
+        lambda: Trace_ELBO(2, vectorize_particles=True),
+        mode="accumulate",
+    ),
+    Case("vec log_evidence gather", "vectorized", lambda: None, mode="evidence"),
+)
+
+
+class _SGD(pyro.optim.PyroOptim):
+    """Plain SGD for SVI. (A torch.optim step would do as well, but its first call
+    imports torch._dynamo, 2 s per process; the update rule is not under test.)"""
+
+    def __init__(self, lr: float) -> None:
+        self.lr = lr
+
+    def __call__(self, params, *args, **kwargs) -> None:
+        with torch.no_grad():
+            for p in params:
+                if p.grad is not None:
+                    p -= self.lr * p.grad
+
+
+def _grads() -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    out = {}
+    for name in sorted(store.keys()):
+        p = store.get_param(name).unconstrained()
+        out[name] = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+    return out
+
+
+def _params() -> dict[str, torch.Tensor]:
+    store = pyro.get_param_store()
+    return {n: store.get_param(n).detach().clone() for n in sorted(store.keys())}
+
+
+def run_case(case: Case, data: Data, rank: int | None) -> dict[str, torch.Tensor]:
+    """Run ``case`` on rank ``rank``'s shard (distributed) or on the whole batch (None)."""
+    pyro.clear_param_store()
+    streams = Streams()
+    idx = shard(data, rank)
+    if case.program == "geometric":
+        model, guide = geometric(streams)
+        args = (data.obs[idx], idx, case.subsample)
+    else:
+        model, guide = conjugate(streams, case.program)
+        args = (data.x[idx], idx, case.subsample)
+    distributed = rank is not None
+    if case.mode == "evidence":
+        kw = dict(num_particles=40, chunk_size=15, max_plate_nesting=1)
+        if distributed:
+            values = bd.distributed_log_evidence(model, guide, *args, **kw)
+        else:
+            values = log_evidence(model, guide, *args, **kw)
+        return {"log_evidence": values}
+    objective = case.make_objective()
+    if distributed:
+        objective = bd.DistributedObjective(objective)
+    if case.mode == "svi":
+        svi = pyro.infer.SVI(model, guide, _SGD(lr=0.005), objective)
+        losses = torch.tensor([svi.step(*args) for _ in range(3)], dtype=torch.float64)
+        return {"loss": losses, **{f"param {n}": v for n, v in _params().items()}}
+    if case.mode == "torch":
+        loss = objective.differentiable_loss(model, guide, *args)
+        store = pyro.get_param_store()
+        params = [store.get_param(n).unconstrained() for n in sorted(store.keys())]
+        for p in params:
+            p.grad = None
+        loss.backward()
+        if distributed:
+            bd.sync_gradients(params)
+        return {"loss": loss.detach().reshape(1), **{f"grad {n}": g for n, g in _grads().items()}}
+    if case.mode == "accumulate":  # gradients already present are kept and added to
+        objective.loss_and_grads(model, guide, *args)
+    loss = objective.loss_and_grads(model, guide, *args)
+    loss = torch.tensor(loss if isinstance(loss, tuple) else (loss,), dtype=torch.float64)
+    return {"loss": loss, **{f"grad {n}": g for n, g in _grads().items()}}
+
+
+def run_all(data: Data, rank: int | None) -> dict[str, dict[str, torch.Tensor]]:
+    torch.set_default_dtype(torch.float64)
+    return {case.name: run_case(case, data, rank) for case in CASES}
+
+
+# ---------------------------------------------------------------------------
+# Worker and launcher
+# ---------------------------------------------------------------------------
+
+
+def worker(args) -> int:
+    torch.set_num_threads(1)
+    rank, world = args.worker, args.nproc
+    timeout = datetime.timedelta(seconds=args.timeout / 2)
+    store = tdist.TCPStore("127.0.0.1", args.port, world_size=world, timeout=timeout)
+    tdist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
+    try:
+        if args.inject is not None and rank == args.inject_rank:
+            if args.inject == "raise":
+                raise RuntimeError(f"injected failure on rank {rank}")
+            time.sleep(10 * args.timeout)  # a hung rank: the others' collectives time out
+        results = run_all(make_data(world), rank)
+        torch.save(results, Path(args.out) / f"rank{rank}.pt")
+        tdist.barrier()
+    finally:
+        tdist.destroy_process_group()
+    return 0
+
+
+def _tail(path: Path, lines: int = 4) -> str:
+    """The last lines of a rank's stderr, and its last error line."""
+    text = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    errors = [line for line in text if "Error" in line or "error" in line]
+    shown = text[-lines:] + (["  => " + errors[-1].strip()] if errors else [])
+    return "\n".join("    " + line for line in shown)
+
+
+def launch(args) -> int:
+    torch.set_num_threads(1)
+    start = time.monotonic()
+    deadline = start + args.timeout
+    nproc = args.nproc
+    # This process hosts the rendezvous store on a free loopback port (port 0: the OS picks).
+    store = tdist.TCPStore(
+        "127.0.0.1",
+        0,
+        is_master=True,
+        wait_for_workers=False,
+        timeout=datetime.timedelta(seconds=args.timeout),
+    )
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        OMP_NUM_THREADS="1",
+    )
+    with tempfile.TemporaryDirectory(prefix="batchplate-selftest-") as tmp:
+        out = Path(tmp)
+        procs = []
+        for rank in range(nproc):
+            cmd = [
+                sys.executable,
+                "-m",
+                "batchplate.distributed",
+                "--worker",
+                str(rank),
+                "--nproc",
+                str(nproc),
+                "--port",
+                str(store.port),
+                "--timeout",
+                str(args.timeout),
+                "--out",
+                tmp,
+            ]
+            if args.inject:
+                cmd += ["--inject", args.inject, "--inject-rank", str(args.inject_rank)]
+            stdout = open(out / f"rank{rank}.out", "w")  # noqa: SIM115 - closed below
+            stderr = open(out / f"rank{rank}.err", "w")  # noqa: SIM115
+            procs.append(
+                (subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr), stdout, stderr)
+            )
+        print(
+            f"selftest: {nproc} ranks on 127.0.0.1:{store.port} (gloo), shards of "
+            f"{make_data(nproc).sizes} data, timeout {args.timeout:g} s",
+            flush=True,
+        )
+        failure = None
+        try:
+            # One process on the concatenated batch, case by case, watching the ranks
+            # in between so that a failed rank stops the run at once.
+            data = make_data(nproc)
+            torch.set_default_dtype(torch.float64)
+            reference = {}
+            for case in CASES:
+                failure = _check(procs, deadline)
+                if failure is not None:
+                    break
+                reference[case.name] = run_case(case, data, None)
+            else:
+                failure = _wait(procs, deadline)
+        finally:
+            for proc, stdout, stderr in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                stdout.close()
+                stderr.close()
+        if failure is not None:
+            print(f"selftest FAILED after {time.monotonic() - start:.1f} s: {failure}")
+            for rank, (proc, _, _) in enumerate(procs):
+                code = proc.returncode
+                how = "killed by the launcher" if code < 0 else f"exit code {code}"
+                print(f"  rank {rank}: {how}")
+                tail = _tail(out / f"rank{rank}.err")
+                if tail:
+                    print(tail)
+            return 1
+        results = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+    return _report(reference, results, args.atol, time.monotonic() - start)
+
+
+def _check(procs, deadline: float) -> str | None:
+    """Why the run has failed (a rank exited non-zero, or the deadline passed), or None."""
+    codes = [proc.poll() for proc, _, _ in procs]
+    if any(c not in (None, 0) for c in codes):
+        time.sleep(0.5)  # let the other ranks fail on their own and say why, then kill them
+        codes = [proc.poll() for proc, _, _ in procs]
+        failed = {r: c for r, c in enumerate(codes) if c not in (None, 0)}
+        return "failed ranks (exit codes): " + ", ".join(
+            f"rank {r} ({c})" for r, c in failed.items()
+        )
+    if time.monotonic() > deadline:
+        hung = [r for r, c in enumerate(codes) if c is None]
+        return f"timeout: ranks {hung} still running at the deadline; killed"
+    return None
+
+
+def _wait(procs, deadline: float) -> str | None:
+    """Wait for all ranks; on the first failure or at the deadline, return why."""
+    while True:
+        failure = _check(procs, deadline)
+        if failure is not None or all(proc.poll() == 0 for proc, _, _ in procs):
+            return failure
+        time.sleep(0.05)
+
+
+def _report(reference: dict, results: list[dict], atol: float, seconds: float) -> int:
+    header = f"{'case':30s} {'quantity':18s} {'max |diff|':>11s} {'ref scale':>10s}  ok"
+    print(header)
+    print("-" * len(header))
+    worst, ok_all = 0.0, True
+    for case, ref in reference.items():
+        for key, value in ref.items():
+            diff = max(float((r[case][key] - value).abs().max()) for r in results)
+            scale = float(value.abs().max())
+            ok = diff <= atol * (1.0 + scale) and all(
+                r[case][key].shape == value.shape for r in results
+            )
+            ok_all &= ok
+            worst = max(worst, diff)
+            print(f"{case:30s} {key:18s} {diff:11.2e} {scale:10.3g}  {'yes' if ok else 'NO'}")
+    verdict = "PASSED" if ok_all else "FAILED"
+    print(
+        f"selftest {verdict}: {len(results)} ranks, largest difference {worst:.2e} "
+        f"(tolerance {atol:g} x (1 + |value|)), {seconds:.1f} s"
+    )
+    return 0 if ok_all else 1

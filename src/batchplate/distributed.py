@@ -1,0 +1,513 @@
+r"""Data-parallel training with :mod:`torch.distributed`, equal to one process.
+
+Each rank holds a shard of the minibatch (``B_r`` data, shards may differ in
+size). Every batchplate objective reduces per-datum values ``L_b`` as
+``L = (c/B) sum_b L_b`` with ``c = 1`` (``reduction="mean"``) or ``c = N``
+(``reduction="sum"``, ``N`` the dataset size). Over the concatenated batch of
+``B = sum_r B_r`` data this is a weighted sum of the ranks' local values
+``L_r = (c_r/B_r) sum_{b in r} L_b``:
+
+.. math:: L = \sum_r f_r L_r, \qquad f_r = \frac{c\,B_r}{c_r\,B},
+
+so ``f_r = B_r / B`` for the mean (the shard-weighted mean) and for a
+subsampled sum (all ranks share ``N``), and ``f_r = 1`` for the sum over
+unsubsampled shards (``c = B``, ``c_r = B_r``). Gradients are linear in the
+same way, so each rank back-propagates ``f_r L_r`` and the gradients are
+summed over ranks (one all-reduce of one flat bucket). The result equals the
+single-process loss and gradient on the concatenated batch with the same
+random draws, up to floating-point summation order.
+
+:class:`DistributedObjective` wraps any batchplate objective and works under
+:class:`pyro.infer.SVI` and in plain PyTorch loops (``differentiable_loss``,
+``backward``, then :func:`sync_gradients`). :func:`gather_per_datum`
+collects per-datum results such as :func:`~batchplate.log_evidence` from all
+ranks. :func:`init_distributed` starts a process group from ``torchrun``'s
+environment with a bounded timeout, so a failed or hung rank ends the run with
+an error instead of a hang. ``python -m batchplate.distributed --selftest``
+checks the equivalence on local processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import os
+import socket
+import sys
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from pyro import poutine
+from pyro.infer.elbo import ELBO
+
+from .objectives.base import BatchObjective
+from .objectives.rws import ReweightedWakeSleep
+from .weights import BatchInfo
+
+__all__ = [
+    "DistributedObjective",
+    "distributed_log_evidence",
+    "gather_per_datum",
+    "init_distributed",
+    "shard_indices",
+    "sync_gradients",
+]
+
+#: Default process-group timeout: collectives that wait longer raise.
+DEFAULT_TIMEOUT = datetime.timedelta(seconds=300)
+
+
+# ---------------------------------------------------------------------------
+# Process group
+# ---------------------------------------------------------------------------
+
+
+def init_distributed(
+    backend: str | None = None,
+    timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
+) -> tuple[int, int, torch.device]:
+    """Start the default process group from ``torchrun``'s environment.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
+    ``MASTER_PORT`` (``torchrun`` sets them). The backend is NCCL when CUDA is
+    available (each process then uses GPU ``LOCAL_RANK``), gloo otherwise.
+    ``timeout`` bounds every collective, the initial rendezvous included: a
+    rank that dies or hangs makes the others raise after ``timeout`` instead of
+    waiting forever. Started without ``torchrun`` (no ``RANK``/``WORLD_SIZE``
+    in the environment), it forms a group of one process, so the same script
+    runs with plain ``python``.
+
+    :returns: ``(rank, world_size, device)``.
+    """
+    if not isinstance(timeout, datetime.timedelta):
+        timeout = datetime.timedelta(seconds=float(timeout))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend == "nccl":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        if "RANK" in os.environ or "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:  # started without torchrun: a group of one process, on a free loopback port
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://127.0.0.1:{port}",
+                rank=0,
+                world_size=1,
+                timeout=timeout,
+            )
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def _check_initialized() -> None:
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(
+            "batchplate.distributed needs an initialized torch.distributed process group: call "
+            "batchplate.distributed.init_distributed() (or torch.distributed.init_process_group) "
+            "first, e.g. in a script started by `torchrun --nproc_per_node=2 script.py`."
+        )
+
+
+def shard_indices(
+    size: int, rank: int | None = None, world_size: int | None = None
+) -> torch.Tensor:
+    """The contiguous block of ``range(size)`` that rank ``rank`` holds.
+
+    Blocks differ in size by at most one and, concatenated in rank order, give
+    ``range(size)``, so the ranks' shards together are exactly the
+    single-process batch (unlike a padded ``DistributedSampler``).
+    """
+    if rank is None:
+        rank = dist.get_rank()
+    if world_size is None:
+        world_size = dist.get_world_size()
+    base, extra = divmod(size, world_size)
+    start = rank * base + min(rank, extra)
+    return torch.arange(start, start + base + (rank < extra))
+
+
+# ---------------------------------------------------------------------------
+# Gradients
+# ---------------------------------------------------------------------------
+
+
+def _buckets(tensors: Sequence[torch.Tensor]) -> dict[tuple, list[int]]:
+    """Group positions by (device, dtype): one flat all-reduce per group."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    return groups
+
+
+def _all_reduce_flat(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
+    """SUM-all-reduce a list of tensors through one flat buffer per (device, dtype)."""
+    out: list[torch.Tensor] = list(tensors)
+    for idx in _buckets(tensors).values():
+        flat = torch.cat([tensors[i].reshape(-1) for i in idx])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        offset = 0
+        for i in idx:
+            n = tensors[i].numel()
+            out[i] = flat[offset : offset + n].view_as(tensors[i])
+            offset += n
+    return out
+
+
+def _sum_gradients(
+    params: Sequence[torch.Tensor], before: Sequence[torch.Tensor | None], group
+) -> None:
+    """Replace each ``.grad`` by ``before + sum over ranks of (.grad - before)``.
+
+    A ``None`` gradient counts as zero and stays ``None`` only if it is ``None``
+    on every rank (a presence flag travels in the same bucket).
+    """
+    if not params:
+        return
+    deltas = []
+    for p, b in zip(params, before, strict=True):
+        if p.grad is None:
+            deltas.append(torch.zeros_like(p))
+        else:
+            deltas.append(p.grad.detach() if b is None else p.grad.detach() - b)
+    present = [p.grad is not None for p in params]
+    flags = torch.tensor(present, dtype=deltas[0].dtype, device=deltas[0].device)
+    reduced = _all_reduce_flat([*deltas, flags], group)
+    for p, b, g, has in zip(params, before, reduced[:-1], reduced[-1].tolist(), strict=True):
+        if b is not None:
+            p.grad = b + g
+        elif has > 0:
+            p.grad = g.clone()
+
+
+def sync_gradients(params: Iterable[torch.Tensor], group=None) -> None:
+    """Sum the ``.grad`` of ``params`` over ranks, in place.
+
+    For plain PyTorch loops with :meth:`DistributedObjective.differentiable_loss`:
+    each rank's loss is already weighted by its share of the global batch, so
+    the sum of the ranks' gradients is the single-process gradient. Call it
+    after ``zero_grad()`` and ``backward()``, before ``step()``, with the same
+    parameters in the same order on every rank (e.g. ``module.parameters()``).
+    A parameter whose gradient is ``None`` counts as zero; it keeps ``None``
+    only if it is ``None`` on every rank.
+    """
+    _check_initialized()
+    params = list(params)
+    _sum_gradients(params, [None] * len(params), group)
+
+
+# ---------------------------------------------------------------------------
+# The objective
+# ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _recording_batches(objective: BatchObjective) -> Iterator[list[BatchInfo]]:
+    """Record the batch plate of every reduction the objective makes."""
+    seen: list[BatchInfo] = []
+    reduce = objective.reduce
+
+    def recording(per_datum: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
+        seen.append(batch)
+        return reduce(per_datum, batch)
+
+    objective.reduce = recording  # an instance attribute shadows the method
+    try:
+        yield seen
+    finally:
+        del objective.reduce
+
+
+def _param_tensors(trace) -> dict[str, torch.Tensor]:
+    """The unconstrained leaf tensors of the trace's param sites, by name."""
+    params = {}
+    for name, site in trace.nodes.items():
+        if site["type"] == "param":
+            value = site["value"]
+            params[name] = value.unconstrained() if hasattr(value, "unconstrained") else value
+    return params
+
+
+def _signature(params: dict[str, torch.Tensor]) -> int:
+    """A checksum of the parameter names and shapes, to check that ranks agree."""
+    text = ";".join(f"{n}:{tuple(params[n].shape)}" for n in sorted(params))
+    return zlib.crc32(text.encode())
+
+
+class DistributedObjective(ELBO):
+    r"""Run a batchplate objective data-parallel, with single-process results.
+
+    Each rank calls the wrapper with its own shard of the minibatch; the
+    program's batch plate is the shard's (``batch_plate("data", B_r)``, or
+    ``batch_plate("data", N, subsample=idx_r)`` with the rank's dataset
+    indices). The returned loss is the global loss on the concatenated batch
+    and, after ``loss_and_grads``, every parameter the program touched holds
+    the global gradient on every rank, so identical optimizers keep identical
+    parameters.
+
+    How (see the module docstring): one ``all_gather`` of each rank's batch
+    size ``B_r``, dataset size ``N_r``, local loss and parameter checksum gives
+    every rank the weights ``f_r`` (``B_r / B`` for the mean and for a
+    subsampled sum, ``1`` for the sum over unsubsampled shards) and the global
+    loss; the rank back-propagates ``f_r`` times its local loss; one
+    all-reduce of a flat gradient bucket sums the gradients.
+
+    Randomness: the equality with one process holds for the same draws. Ranks
+    draw their own particles, which is as good statistically (independent
+    draws per datum); for bit-level comparisons draw each datum's noise from a
+    stream seeded by its global index (the self-test does).
+
+    :class:`~batchplate.ReweightedWakeSleep` returns its pair
+    ``(wake_theta_loss, phi_loss)``, both global. Its sleep phase fantasizes
+    ``(z, x) ~ p`` for every datum slot of the rank's batch plate, so the ranks
+    together draw ``B`` fantasies per sleep particle, as one process on the
+    concatenated batch; the sleep loss is their shard-weighted mean.
+
+    :param objective: a :class:`~batchplate.BatchObjective`.
+    :param group: the process group (default: the world).
+    :param dataset_size: ``N`` for ``reduction="sum"`` when it cannot be read
+        from the batch plates (see :meth:`weights`); ignored for the mean.
+
+    Usage under SVI::
+
+        init_distributed()
+        loss = DistributedObjective(RenyiELBO(alpha=0, num_particles=5))
+        svi = SVI(model, guide, Adam({"lr": 1e-3}), loss)
+        svi.step(x_shard)        # global loss; synchronized gradients
+
+    Plain PyTorch::
+
+        loss = dobj.differentiable_loss(model, guide, x_shard)
+        opt.zero_grad(); loss.backward(); sync_gradients(module.parameters()); opt.step()
+    """
+
+    def __init__(
+        self, objective: BatchObjective, group=None, dataset_size: int | None = None
+    ) -> None:
+        if not isinstance(objective, BatchObjective):
+            raise TypeError(
+                "DistributedObjective wraps a batchplate objective (Trace_ELBO, RenyiELBO, "
+                f"VIMCO, ReweightedWakeSleep), got {type(objective).__name__}"
+            )
+        super().__init__(num_particles=objective.num_particles)
+        self.objective = objective
+        self.group = group
+        self.dataset_size = dataset_size
+
+    # -- weights ---------------------------------------------------------
+
+    def weights(self, table: torch.Tensor) -> torch.Tensor:
+        """The ranks' weights ``f_r`` from the gathered ``[R, >= 2]`` table of ``(B_r, N_r)``."""
+        B_r, N_r = table[:, 0], table[:, 1]
+        B = B_r.sum()
+        if self.objective.reduction == "mean":
+            return B_r / B
+        if self.dataset_size is not None:
+            N = float(self.dataset_size)
+        elif bool((B_r == N_r).all()):
+            N = B  # every shard is its own (unsubsampled) batch plate: a plain sum
+        elif bool((N_r == N_r[0]).all()):
+            N = N_r[0]  # subsample indices from one dataset of size N
+        else:
+            raise ValueError(
+                "reduction='sum' needs the dataset size N, and the ranks' batch plates disagree: "
+                f"sizes {N_r.long().tolist()} for shards of {B_r.long().tolist()} data. Use "
+                "batch_plate('data', N, subsample=indices) with the same N on every rank, or "
+                "pass DistributedObjective(..., dataset_size=N)."
+            )
+        return (N / B) * (B_r / N_r)
+
+    def _exchange(
+        self, objective_losses: Sequence[torch.Tensor], batches: list[BatchInfo], params: dict
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """All-gather sizes, losses and parameter checksums; return ``(f_r, global losses)``."""
+        _check_initialized()
+        if not batches:
+            raise RuntimeError("the objective made no batch reduction; nothing to synchronize")
+        first = batches[0]
+        for b in batches[1:]:
+            if (b.size, b.full_size) != (first.size, first.full_size):
+                raise RuntimeError(f"batch plate changed within one step: {first} vs {b}")
+        # The last loss is always computed (RWS's skipped wake-theta is a CPU NaN).
+        device = objective_losses[-1].device
+        row = torch.tensor(
+            [
+                first.size,
+                first.full_size,
+                len(params),
+                _signature(params),
+                *[float(v.detach()) for v in objective_losses],
+            ],
+            dtype=torch.float64,
+            device=device,
+        )
+        world = dist.get_world_size(self.group)
+        rows = [torch.empty_like(row) for _ in range(world)]
+        dist.all_gather(rows, row, group=self.group)
+        table = torch.stack(rows).cpu()
+        if not bool((table[:, 2:4] == table[0, 2:4]).all()):
+            raise RuntimeError(
+                "ranks touched different parameters in this step (counts "
+                f"{table[:, 2].long().tolist()}); every rank must run the same model and guide "
+                "and create the same pyro.param sites, so that gradients can be summed."
+            )
+        f = self.weights(table)
+        values = table[:, 4:]
+        global_losses = [(f * values[:, i]).sum() for i in range(values.shape[1])]
+        return f, global_losses
+
+    # -- Pyro's interface ---------------------------------------------------
+
+    def _local(self, model, guide, args, kwargs, pair: bool):
+        """Run the objective; return its loss tensor(s), batch plates, and params."""
+        _check_initialized()
+        with (
+            poutine.trace(param_only=True) as capture,
+            _recording_batches(self.objective) as batches,
+        ):
+            if pair:
+                losses = list(self.objective.losses(model, guide, *args, **kwargs))
+            else:
+                losses = [self.objective.differentiable_loss(model, guide, *args, **kwargs)]
+        return losses, batches, _param_tensors(capture.trace)
+
+    def _is_pair(self) -> bool:
+        return isinstance(self.objective, ReweightedWakeSleep)
+
+    def loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        """The global loss (a float; a pair for reweighted wake-sleep), without gradients."""
+        pair = self._is_pair()
+        with torch.no_grad():
+            losses, batches, params = self._local(model, guide, args, kwargs, pair)
+            _, total = self._exchange(losses, batches, params)
+        values = tuple(t.item() for t in total)
+        return values if pair else values[0]
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs):
+        """The global loss; leaves the global gradient in every touched parameter's ``.grad``.
+
+        Gradients already present are kept and the step's gradient is added
+        (as Pyro's objectives do), so gradient accumulation works too.
+        """
+        pair = self._is_pair()
+        losses, batches, params = self._local(model, guide, args, kwargs, pair)
+        f, total = self._exchange(losses, batches, params)
+        scale = float(f[dist.get_rank(self.group)])
+        names = sorted(params)
+        tensors = [params[n] for n in names]
+        before = [None if p.grad is None else p.grad.detach().clone() for p in tensors]
+        surrogate = sum(scale * t for t in losses if t.requires_grad)
+        if isinstance(surrogate, torch.Tensor):
+            surrogate.backward(retain_graph=self.objective.retain_graph)
+        _sum_gradients(tensors, before, self.group)
+        values = tuple(t.item() for t in total)
+        return values if pair else values[0]
+
+    def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
+        """A scalar whose value is the global loss and whose gradient is this rank's share.
+
+        After ``backward()``, sum gradients over ranks with :func:`sync_gradients`
+        (for reweighted wake-sleep the scalar is ``wake_theta + phi``, as
+        :meth:`ReweightedWakeSleep.differentiable_loss`).
+        """
+        losses, batches, params = self._local(model, guide, args, kwargs, pair=False)
+        f, total = self._exchange(losses, batches, params)
+        scale = float(f[dist.get_rank(self.group)])
+        local = scale * losses[0]
+        return local + (total[0].to(local) - local.detach())
+
+    def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - ELBO's abstract hook
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# Per-datum results
+# ---------------------------------------------------------------------------
+
+
+def gather_per_datum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Concatenate every rank's per-datum tensor ``[B_r, ...]`` in rank order.
+
+    Shards may differ in size: each rank pads to the largest ``B_r`` for
+    ``all_gather`` and the padding is dropped. Every rank gets the ``[B, ...]``
+    result, which is the single-process result when the shards are the
+    single-process batch split in rank order (as :func:`shard_indices` gives).
+    """
+    _check_initialized()
+    world = dist.get_world_size(group)
+    size = torch.tensor([tensor.shape[0]], dtype=torch.int64, device=tensor.device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    dist.all_gather(sizes, size, group=group)
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+    padded = tensor.new_zeros((longest, *tensor.shape[1:]))
+    padded[: tensor.shape[0]] = tensor.detach()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded, group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes, strict=True)])
+
+
+def distributed_log_evidence(
+    model: Callable, guide: Callable, *args, group=None, **kwargs
+) -> torch.Tensor:
+    """:func:`batchplate.log_evidence` on each rank's shard, gathered: ``[B]`` on every rank.
+
+    ``log_evidence`` is per datum, so ranks need no communication while
+    estimating; only the results are gathered (:func:`gather_per_datum`).
+    """
+    from .evaluate import log_evidence
+
+    return gather_per_datum(log_evidence(model, guide, *args, **kwargs), group=group)
+
+
+# ---------------------------------------------------------------------------
+# Self-test: `python -m batchplate.distributed --selftest --nproc 2`
+# ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    from . import _distributed_selftest as selftest
+
+    parser = argparse.ArgumentParser(
+        prog="python -m batchplate.distributed",
+        description="Check that data-parallel training equals one process (local gloo ranks).",
+    )
+    parser.add_argument("--selftest", action="store_true", help="run the self-test")
+    parser.add_argument("--nproc", type=int, default=2, help="number of local ranks")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="overall wall-clock bound in seconds; ranks' collectives time out at half of it",
+    )
+    parser.add_argument("--atol", type=float, default=1e-9, help="allowed absolute difference")
+    parser.add_argument(
+        "--inject",
+        choices=("raise", "hang"),
+        default=None,
+        help="testing: make one rank raise or hang, to check that the run fails cleanly",
+    )
+    parser.add_argument("--inject-rank", type=int, default=1, help="the rank for --inject")
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker is not None:
+        return selftest.worker(args)
+    if not args.selftest:
+        parser.print_help()
+        return 2
+    return selftest.launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
