@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import torch
 
-from .weights import compute_log_weights, guess_max_plate_nesting, sample_traces
+from .weights import compute_log_weights, guess_max_plate_nesting, sample_traces, subsample_trace
 
 
 @torch.no_grad()
@@ -40,6 +40,7 @@ def log_evidence(
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     total = None
     done = 0
+    subsample = None  # every chunk weighs the first chunk's minibatch
     while done < num_particles:
         k = min(chunk_size, num_particles - done)
         pairs = sample_traces(
@@ -50,7 +51,11 @@ def log_evidence(
             num_particles=k,
             vectorize_particles=vectorize_particles,
             max_plate_nesting=max_plate_nesting,
+            subsample=subsample,
         )
+        if done == 0:
+            pairs = list(pairs)  # at most chunk_size pairs
+            subsample = subsample_trace(pairs[0])
         chunk = torch.logsumexp(compute_log_weights(pairs, k).log_w, dim=0)
         total = chunk if total is None else torch.logaddexp(total, chunk)
         done += k

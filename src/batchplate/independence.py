@@ -91,14 +91,17 @@ def check_batch_independence(
             "check_batch_independence differentiates with respect to the data, so it needs "
             "the data as floating-point tensor arguments of model and guide."
         )
-    pairs = sample_traces(
-        model,
-        guide,
-        new_args,
-        new_kwargs,
-        num_particles=1,
-        vectorize_particles=False,
-        max_plate_nesting=float("inf"),
+    # sample_traces yields per-particle pairs lazily; keep the one pair for its subsample site.
+    pairs = list(
+        sample_traces(
+            model,
+            guide,
+            new_args,
+            new_kwargs,
+            num_particles=1,
+            vectorize_particles=False,
+            max_plate_nesting=float("inf"),
+        )
     )
     weights = compute_log_weights(pairs, 1)
     batch = weights.batch

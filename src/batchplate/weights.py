@@ -148,6 +148,7 @@ def _scored(
 ) -> tuple[Trace, Trace]:
     """Check a trace pair and compute its log probs."""
     if is_validation_enabled():
+        _check_guide_batch_frames(model_trace, guide_trace)
         check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
     # Subsample sites stay in the traces (their indices name data in error
     # messages); _contributes() skips them.
@@ -159,6 +160,23 @@ def _scored(
                 if site["type"] == "sample" and _contributes(site):
                     check_site_shape(site, max_plate_nesting)
     return model_trace, guide_trace
+
+
+def _check_guide_batch_frames(model_trace: Trace, guide_trace: Trace) -> None:
+    """Rules 2 and 3 before Pyro's shape check, which would report a guide site
+    outside the batch plate, or in another one, as a bare shape mismatch."""
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or not _contributes(site):
+            continue
+        frame = next((f for f in site["cond_indep_stack"] if isinstance(f, BatchFrame)), None)
+        if frame is None:
+            raise missing_batch_plate_error(site, "guide", model_trace)
+        model_site = model_trace.nodes.get(name)
+        if model_site is None or model_site["type"] != "sample":
+            continue
+        for model_frame in model_site["cond_indep_stack"]:
+            if isinstance(model_frame, BatchFrame) and not _same_plate(model_frame, frame):
+                raise plates_disagree_error((model_frame, "model", name), (frame, "guide", name))
 
 
 def _sleep_pair(
@@ -199,14 +217,22 @@ def sample_traces(
     max_plate_nesting: int,
     detach_guide: bool = False,
     sleep: bool = False,
+    subsample: Trace | None = None,
 ) -> Iterable[tuple[Trace, Trace]]:
     """Draw ``K`` particles: one vectorized (model, guide) trace pair, or ``K`` pairs.
 
     ``max_plate_nesting`` counts the program's own vectorized plates; the
     particle plate goes one dim further left. With ``sleep=True`` the model is
     run first, unconditioned, and the guide is scored on its fantasies.
+
+    All particles of a datum must weigh the same datum, so they share one
+    minibatch: ``subsample`` (from :func:`subsample_trace`) fixes the plates'
+    subsample indices; when it is ``None``, per-particle traces reuse the
+    first particle's.
     """
     pair = _sleep_pair if sleep else _trace_pair
+    if subsample is not None:
+        model, guide = _replay_subsample(model, guide, subsample)
     if vectorize_particles and num_particles > 1:
         nesting = max_plate_nesting + 1
 
@@ -221,10 +247,37 @@ def sample_traces(
             raise dynamic_program_error(e) from e
     # A generator: compute_log_weights reduces each pair as it is drawn, so the
     # K traces (and their Python objects) are never alive at once.
-    return (
-        pair(model, guide, args, kwargs, max_plate_nesting, detach_guide)
-        for _ in range(num_particles)
+    return _per_particle(
+        pair, model, guide, args, kwargs, num_particles, max_plate_nesting, detach_guide, subsample
     )
+
+
+def subsample_trace(pair: tuple[Trace, Trace]) -> Trace | None:
+    """The subsample sites (minibatch indices of subsampled plates) of a drawn pair."""
+    fixed = Trace()
+    for trace in pair:
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and site_is_subsample(site) and name not in fixed.nodes:
+                fixed.add_node(name, **site)
+    return fixed if fixed.nodes else None
+
+
+def _replay_subsample(model: Callable, guide: Callable, subsample: Trace):
+    return poutine.replay(model, trace=subsample), poutine.replay(guide, trace=subsample)
+
+
+def _per_particle(
+    pair, model, guide, args, kwargs, num_particles, max_plate_nesting, detach_guide, subsample
+):
+    """One trace pair per particle; particles after the first reuse its minibatch
+    (otherwise each would draw its own, and column ``b`` would mix data)."""
+    for k in range(num_particles):
+        traces = pair(model, guide, args, kwargs, max_plate_nesting, detach_guide)
+        if k == 0 and subsample is None:
+            subsample = subsample_trace(traces)
+            if subsample is not None:
+                model, guide = _replay_subsample(model, guide, subsample)
+        yield traces
 
 
 # ---------------------------------------------------------------------------

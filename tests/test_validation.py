@@ -1,0 +1,391 @@
+"""The structural rules of design.md raise clear :class:`BatchPlateError` s.
+
+One test per rule (and per way of breaking it): the error is a
+``BatchPlateError`` (hence a ``ValueError``) whose message names the site, the
+plate and, for non-finite weights, the datum, and says how to fix the program.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI
+
+import batchplate
+from batchplate import BatchPlateError, batch_plate, log_weights
+from programs import geometric_guide, geometric_model
+
+X = torch.tensor([1.0, 2.0, 3.0])
+
+
+def raises(model, guide, *args, match: str, **kw) -> str:
+    """Run ``log_weights`` and an objective; both must raise the same rule's error."""
+    with pytest.raises(BatchPlateError, match=match) as info:
+        log_weights(model, guide, *args, **kw)
+    assert isinstance(info.value, ValueError)
+    with pytest.raises(BatchPlateError, match=match):
+        batchplate.RenyiELBO(alpha=0, **kw).loss(model, guide, *args)
+    return str(info.value)
+
+
+def vec_model(x):
+    with batch_plate("data", len(x)):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+
+def vec_guide(x):
+    with batch_plate("data", len(x)):
+        pyro.sample("w", dist.Normal(0.0, 1.0))
+
+
+def seq_model(x):
+    for i in batch_plate("data", len(x)):
+        w = pyro.sample(f"w_{i}", dist.Normal(0.0, 1.0))
+        pyro.sample(f"x_{i}", dist.Normal(w, 1.0), obs=x[i])
+
+
+def seq_guide(x):
+    for i in batch_plate("data", len(x)):
+        pyro.sample(f"w_{i}", dist.Normal(0.0, 1.0))
+
+
+def test_error_is_a_value_error():
+    assert issubclass(BatchPlateError, ValueError)
+
+
+# ---------------------------------------------------------------------------
+# Rule 1: every sample site inside the batch plate
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("particles", [{}, {"num_particles": 2, "vectorize_particles": True}])
+def test_global_latent_outside_batch_plate(particles):
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with batch_plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Normal(0.0, 1.0))
+
+    message = raises(model, guide, X, match="'mu'", **particles)
+    assert "batch_plate('data'" in message
+    assert "pyro.plate" in message and "pyro.infer.RenyiELBO" in message
+
+
+def test_global_observation_outside_batch_plate():
+    def model(x):
+        with batch_plate("data", len(x)):
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+        pyro.sample("total", dist.Normal(w.sum(), 1.0), obs=x.sum())
+
+    message = raises(model, vec_guide, X, match="model site 'total' is outside")
+    assert "pyro.plate" in message
+
+
+def test_no_batch_plate_at_all():
+    """A model written with pyro.plate only: point to batch_plate."""
+
+    def model(x):
+        with pyro.plate("data", len(x)):
+            pyro.sample("x", dist.Normal(0.0, 1.0), obs=x)
+
+    message = raises(model, lambda x: None, X, match="'x' is not inside a batch plate")
+    assert "batchplate.batch_plate(" in message and "pyro.plate" in message
+
+
+# ---------------------------------------------------------------------------
+# Rule 2: guide sites at the model's batch index
+# ---------------------------------------------------------------------------
+
+
+GUIDES_OUTSIDE = {
+    # one value broadcast to the whole minibatch
+    "scalar": lambda x: pyro.sample("w", dist.Normal(0.0, 1.0)),
+    # a [B] vector drawn as one event: a density over the whole batch
+    "to_event": lambda x: pyro.sample("w", dist.Normal(0.0, 1.0).expand([len(x)]).to_event(1)),
+}
+
+
+@pytest.mark.parametrize("validation", [True, False])
+@pytest.mark.parametrize("particles", [{}, {"num_particles": 3, "vectorize_particles": True}])
+@pytest.mark.parametrize("kind", list(GUIDES_OUTSIDE))
+def test_guide_site_outside_while_model_inside(kind, particles, validation):
+    """Our message, not Pyro's bare shape mismatch, whether validation is on or off."""
+    pyro.enable_validation(validation)
+    message = raises(
+        vec_model, GUIDES_OUTSIDE[kind], X, match="guide site 'w' is outside", **particles
+    )
+    assert "model's site 'w' is inside batch_plate('data', size=3; vectorized, dim=-1)" in message
+    assert "couples the data" in message
+
+
+def test_sequential_guide_site_outside_while_model_inside():
+    def guide(x):
+        pyro.sample("w_1", dist.Normal(0.0, 1.0))  # hoisted out of the loop
+        for i in batch_plate("data", len(x)):
+            if i != 1:
+                pyro.sample(f"w_{i}", dist.Normal(0.0, 1.0))
+
+    message = raises(seq_model, guide, X, match="guide site 'w_1' is outside")
+    assert "batch_plate('data', size=3; sequential)" in message
+
+
+def test_sequential_guide_site_at_another_datum():
+    """The guide draws ``w_{j+1}`` in iteration ``j``: datum j+1's latent from datum j's input."""
+
+    def guide(x):
+        for j in batch_plate("data", len(x)):
+            pyro.sample(f"w_{(j + 1) % len(x)}", dist.Normal(x[j], 1.0))
+
+    message = raises(seq_model, guide, X, match="guide site 'w_1' is drawn at datum 0")
+    assert "model's site 'w_1' is at datum 1" in message
+    assert "batch_plate('data', size=3; sequential)" in message
+
+
+# ---------------------------------------------------------------------------
+# Rule 3: model and guide agree on the batch plate
+# ---------------------------------------------------------------------------
+
+
+def test_plate_name_disagrees():
+    def guide(x):
+        with batch_plate("other", len(x)):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    message = raises(vec_model, guide, X, match="Model and guide disagree on the batch plate")
+    assert "batch_plate('data'" in message and "batch_plate('other'" in message
+    assert "model site 'w'" in message and "guide site 'w'" in message
+
+
+def test_plate_size_disagrees():
+    def guide(x):
+        with batch_plate("data", len(x) + 2, subsample=torch.arange(len(x))):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    message = raises(vec_model, guide, X, match="Model and guide disagree on the batch plate")
+    assert "size=3;" in message and "size=5, subsample_size=3" in message
+
+
+@pytest.mark.parametrize("validation", [True, False])
+def test_plate_dim_disagrees(validation):
+    """Our message, not Pyro's bare shape mismatch, whether validation is on or off."""
+    pyro.enable_validation(validation)
+
+    def guide(x):
+        with batch_plate("data", len(x), dim=-2):
+            pyro.sample("w", dist.Normal(0.0, 1.0).expand([len(x), 1]))
+
+    message = raises(vec_model, guide, X, match="Model and guide disagree on the batch plate")
+    assert "dim=-1" in message and "dim=-2" in message
+
+
+def test_plate_layout_disagrees():
+    """Sequential in the model, vectorized in the guide."""
+
+    def guide(x):
+        with batch_plate("data", len(x)):
+            for i in range(len(x)):
+                pyro.sample(f"w_{i}", dist.Normal(0.0, 1.0))
+
+    message = raises(seq_model, guide, X, match="Model and guide disagree on the batch plate")
+    assert "sequential" in message and "vectorized" in message
+
+
+def test_subsample_follows_the_guide():
+    """Pyro's replay gives the model the guide's minibatch, explicit ``subsample`` or
+    not, so model and guide can never weigh different data; a model whose plate has
+    a different dataset size is an error."""
+    seen = []
+
+    def model(x):
+        with batch_plate("data", 10, subsample=torch.tensor([0, 1, 2])) as idx:
+            seen.append(idx)
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x[idx])
+
+    def guide(x):
+        with batch_plate("data", 10, subsample=torch.tensor([3, 4, 5])):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    log_weights(model, guide, torch.arange(10.0))
+    assert torch.equal(seen[0], torch.tensor([3, 4, 5]))
+
+    def guide_other_size(x):
+        with batch_plate("data", 12, subsample=torch.tensor([3, 4, 5])):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    message = raises(
+        model, guide_other_size, torch.arange(12.0), match="disagree on the batch plate"
+    )
+    assert "size=10, subsample_size=3" in message and "size=12, subsample_size=3" in message
+
+
+# ---------------------------------------------------------------------------
+# Rule 4: one batch plate per program
+# ---------------------------------------------------------------------------
+
+
+def test_nested_batch_plates():
+    def model(x):
+        with batch_plate("data", len(x)):
+            with batch_plate("inner", 2, dim=-2):
+                pyro.sample("x", dist.Normal(0.0, 1.0), obs=x.expand(2, -1))
+
+    message = raises(model, model, X, match=r"batch_plate\('inner'\) is nested inside")
+    assert "batch_plate('data')" in message and "use pyro.plate" in message
+
+
+def test_nested_sequential_batch_plates():
+    def model(x):
+        for i in batch_plate("data", len(x)):
+            for j in batch_plate("inner", 2):
+                pyro.sample(f"x_{i}_{j}", dist.Normal(0.0, 1.0), obs=x[i])
+
+    # A sequential plate does not enter the stack until iterated, so the site
+    # carries two batch frames: caught when the traces are reduced.
+    with pytest.raises(BatchPlateError, match="'inner'") as info:
+        log_weights(model, model, X)
+    assert "data" in str(info.value)
+
+
+def test_repeated_batch_plates():
+    def model(x):
+        with batch_plate("data", len(x)):
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        with batch_plate("data2", len(x)):
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+    message = raises(model, vec_guide, X, match="The model has more than one batch plate")
+    assert "model site 'w' lies in batch_plate('data'" in message
+    assert "model site 'x' in batch_plate('data2'" in message
+
+
+# ---------------------------------------------------------------------------
+# Rule 5: non-finite log weights name the datum and the sites
+# ---------------------------------------------------------------------------
+
+
+X_INF = torch.tensor([1.0, float("inf"), 3.0, 4.0])
+
+
+@pytest.mark.parametrize(
+    "layout, particles",
+    [
+        ("vectorized", {"num_particles": 2, "vectorize_particles": True}),
+        ("vectorized", {"num_particles": 2}),
+        ("sequential", {"num_particles": 2}),
+    ],
+)
+def test_non_finite_weight_names_datum_and_site(layout, particles):
+    model, guide = (vec_model, vec_guide) if layout == "vectorized" else (seq_model, seq_guide)
+    message = raises(model, guide, X_INF, match=r"Non-finite log weight l\[k=0, b=1\]", **particles)
+    site = "'x'" if layout == "vectorized" else "'x_1'"
+    assert "at datum 1 " in message and "batch plate 'data'" in message
+    assert f"model {site} (-inf)" in message
+    assert "Data with non-finite weights: [1]" in message
+
+
+def test_non_finite_weight_names_dataset_index_when_subsampling():
+    subsample = torch.tensor([2, 5, 7, 8])
+    x = torch.arange(10.0)
+    x[7] = float("inf")
+
+    def model(x):
+        with batch_plate("data", len(x), subsample=subsample) as idx:
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x[idx])
+
+    def guide(x):
+        with batch_plate("data", len(x), subsample=subsample):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+
+    message = raises(model, guide, x, match=re.escape("at datum 2 (dataset index 7)"))
+    assert "model 'x' (-inf)" in message
+
+
+@pytest.mark.filterwarnings("ignore:Encountered \\+inf")  # Pyro's own warning, expected here
+def test_non_finite_weight_names_guide_site():
+    """An infinite guide density at datum 2: the guide's site is named."""
+
+    def guide(x):
+        log_density = torch.tensor([0.0, 0.0, float("inf")])
+        with batch_plate("data", len(x)):
+            pyro.sample("w", dist.Delta(torch.zeros(len(x)), log_density=log_density))
+
+    message = raises(vec_model, guide, X, match=r"l\[k=0, b=2\] = -inf at datum 2")
+    assert "guide 'w' (inf)" in message and "[2]" in message
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_non_finite_weight_leaves_parameters_finite(vectorize):
+    """An SVI step on such a batch raises before any parameter update."""
+
+    def guide(x):
+        loc = pyro.param("loc", torch.tensor(0.0))
+        with batch_plate("data", len(x)):
+            pyro.sample("w", dist.Normal(loc, 1.0))
+
+    objective = batchplate.RenyiELBO(alpha=0, num_particles=2, vectorize_particles=vectorize)
+    svi = SVI(vec_model, guide, pyro.optim.SGD({"lr": 0.1}), objective)
+    svi.step(X_INF[[0, 2, 3]])  # a finite batch: parameters exist and move
+    before = pyro.param("loc").detach().clone()
+    with pytest.raises(BatchPlateError, match="datum 1"):
+        svi.step(X_INF)
+    after = pyro.param("loc")
+    assert torch.isfinite(after).all()
+    assert torch.equal(after.detach(), before)
+    assert after.grad is None or torch.isfinite(after.grad).all()
+
+
+# ---------------------------------------------------------------------------
+# Rule 6: dynamic programs under vectorize_particles=True
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        lambda: batchplate.RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True),
+        lambda: batchplate.Trace_ELBO(num_particles=2, vectorize_particles=True),
+        lambda: batchplate.VIMCO(num_particles=3, vectorize_particles=True),
+    ],
+)
+def test_dynamic_program_with_vectorized_particles(objective):
+    obs = torch.tensor([0.0, 1.0])
+    with pytest.raises(BatchPlateError) as info:
+        objective().loss(geometric_model, geometric_guide, obs)
+    message = str(info.value)
+    assert "control flow depends on sampled values" in message
+    assert "vectorize_particles=False" in message and "padded form" in message
+    assert isinstance(info.value.__cause__, RuntimeError | TypeError | ValueError)
+
+
+# ---------------------------------------------------------------------------
+# Not rules, but misuse that must not give silent numbers
+# ---------------------------------------------------------------------------
+
+
+def test_sequential_loop_ending_early():
+    def model(x):
+        for i in batch_plate("data", len(x)):
+            w = pyro.sample(f"w_{i}", dist.Normal(0.0, 1.0))
+            pyro.sample(f"x_{i}", dist.Normal(w, 1.0), obs=x[i])
+            if i == 1:
+                return
+
+    def guide(x):
+        for i in batch_plate("data", len(x)):
+            pyro.sample(f"w_{i}", dist.Normal(0.0, 1.0))
+            if i == 1:
+                return
+
+    with pytest.raises(BatchPlateError, match=re.escape("no sample site at data [2]")) as info:
+        log_weights(model, guide, X)
+    assert "'data'" in str(info.value) and "return" in str(info.value)
