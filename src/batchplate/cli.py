@@ -3,12 +3,18 @@
 Each subcommand is a pair of functions registered in :data:`SUBCOMMANDS`: one
 adds the subcommand's parser and arguments, the other runs it on the parsed
 arguments and returns the exit code. ``batchplate demo`` is the tour of the
-seed's problems; ``run <example>`` and ``bench`` slot in the same way.
+seed's problems, ``run <example>`` trains one of :mod:`batchplate.examples`
+and ``bench`` runs the benchmarks of :mod:`batchplate.bench`.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
+import inspect
+import pkgutil
+import sys
 from collections.abc import Callable, Sequence
 
 from . import __version__
@@ -48,6 +54,175 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# run <example>
+# ---------------------------------------------------------------------------
+
+#: Examples known at the time of writing; any module of ``batchplate.examples``
+#: with a ``run()`` function is found by name as well.
+KNOWN_EXAMPLES = ("scale", "geometric", "gmm", "pcfg", "vae")
+
+#: ``run`` options that map onto ``run()``'s keywords (``--out`` -> ``out_dir``).
+RUN_OPTIONS = ("objective", "num_particles", "batch_size", "steps", "lr", "seed")
+
+
+def available_examples() -> list[str]:
+    """Names of the modules in ``batchplate.examples`` (importable or not)."""
+    from . import examples
+
+    return sorted(m.name for m in pkgutil.iter_modules(examples.__path__) if not m.ispkg)
+
+
+def load_example(name: str):
+    """Import ``batchplate.examples.<name>``; ``LookupError`` with the choices if unknown."""
+    names = available_examples()
+    if not name.isidentifier() or name not in names:
+        raise LookupError(
+            f"unknown example {name!r}; available examples: {', '.join(names) or '(none)'}"
+        )
+    module = importlib.import_module(f"batchplate.examples.{name}")
+    if not callable(getattr(module, "run", None)):
+        raise LookupError(f"batchplate.examples.{name} has no run() function")
+    return module
+
+
+def _add_run(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "run",
+        help="train one example (scale, geometric, gmm, pcfg, vae) and plot its curves",
+        description=(
+            "Train the example batchplate.examples.EXAMPLE with a progress bar, save its "
+            "plots to --out and print the summary metrics. Options not given come from the "
+            "example's DEFAULTS."
+        ),
+    )
+    parser.add_argument("example", metavar="EXAMPLE", help=f"one of {', '.join(KNOWN_EXAMPLES)}")
+    parser.add_argument("--objective", help="elbo, iwae, vimco, rws (wake-wake) or ws (wake-sleep)")
+    parser.add_argument(
+        "-K", "--num-particles", dest="num_particles", type=int, help="particles per datum"
+    )
+    parser.add_argument("--batch-size", type=int, help="minibatch size B")
+    parser.add_argument("--steps", type=int, help="optimizer steps")
+    parser.add_argument("--lr", type=float, help="learning rate")
+    parser.add_argument("--seed", type=int, help="random seed")
+    parser.add_argument(
+        "--out", default="batchplate-runs", help="output folder (default batchplate-runs)"
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "-o",
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other keyword of the example's run(), e.g. -o eval_particles=1000 "
+        "(repeatable; VALUE is read as a Python literal, else kept as a string)",
+    )
+    return parser
+
+
+def parse_options(pairs: Sequence[str]) -> dict:
+    """``["eval_particles=1000", "layout=sequential"]`` -> ``{"eval_particles": 1000, ...}``."""
+    options = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key.isidentifier():
+            raise ValueError(f"expected KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            options[key] = text
+    return options
+
+
+def _format_metric(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _run_example(args: argparse.Namespace) -> int:
+    try:
+        module = load_example(args.example)
+    except LookupError as e:
+        print(f"batchplate run: {e.args[0]}", file=sys.stderr)
+        return 2
+    try:
+        extra = parse_options(args.option)
+    except ValueError as e:
+        print(f"batchplate run: {e}", file=sys.stderr)
+        return 2
+    options = dict(getattr(module, "DEFAULTS", {}))
+    options.update({k: getattr(args, k) for k in RUN_OPTIONS if getattr(args, k) is not None})
+    options.update(extra)
+    objectives = getattr(module, "OBJECTIVES", None)
+    if objectives and options.get("objective") not in objectives:
+        print(
+            f"batchplate run {args.example}: unknown objective {options.get('objective')!r}; "
+            f"choose one of {', '.join(objectives)}",
+            file=sys.stderr,
+        )
+        return 2
+    options.update(out_dir=args.out, progress=not args.no_progress)
+    try:  # an option run() does not take is a usage error, not a crash inside run()
+        inspect.signature(module.run).bind(**options)
+    except TypeError as e:
+        print(f"batchplate run {args.example}: {e}", file=sys.stderr)
+        return 2
+    metrics = module.run(**options)
+    print(f"batchplate run {args.example}: plot saved to {metrics.get('plot', '(none)')}")
+    width = max((len(k) for k in metrics), default=0)
+    for key, value in metrics.items():
+        if key != "plot":
+            print(f"  {key:<{width}}  {_format_metric(value)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------
+
+
+def available_benchmarks() -> list[str]:
+    """Names of the modules in ``batchplate.bench``."""
+    from . import bench
+
+    return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.ispkg)
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench",
+        help="time batchplate against stock Pyro and hand-written PyTorch (ms/step)",
+        description=(
+            "Run every benchmark of batchplate.bench (or one, with --only). Each prints its "
+            "table of ms/step and ratios, all measured in the same run."
+        ),
+    )
+    parser.add_argument("--quick", action="store_true", help="few steps (a rough check)")
+    parser.add_argument("--only", metavar="NAME", help="run one benchmark, e.g. iwae_vae")
+    return parser
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    names = available_benchmarks()
+    if args.only is not None:
+        if args.only not in names:
+            print(
+                f"batchplate bench: unknown benchmark {args.only!r}; "
+                f"available: {', '.join(names) or '(none)'}",
+                file=sys.stderr,
+            )
+            return 2
+        names = [args.only]
+    for i, name in enumerate(names):
+        if i:
+            print()
+        print(f"== {name} ==")
+        importlib.import_module(f"batchplate.bench.{name}").main(quick=args.quick)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # The parser
 # ---------------------------------------------------------------------------
 
@@ -56,6 +231,8 @@ SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], Handler]
 ] = {
     "demo": (_add_demo, _run_demo),
+    "run": (_add_run, _run_example),
+    "bench": (_add_bench, _run_bench),
 }
 
 

@@ -1,1 +1,3 @@
-"""Runnable examples; each module has a ``main(argv)`` used by ``batchplate run``."""
+"""Runnable examples. Each module has ``NAME``, ``OBJECTIVES``, ``DEFAULTS`` and
+``run(*, objective, num_particles, batch_size, steps, lr, seed, out_dir, progress, **options)``,
+which ``batchplate run <name>`` calls."""
