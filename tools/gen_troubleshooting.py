@@ -1,0 +1,382 @@
+"""Generate docs/troubleshooting.md: run each trigger, paste its actual message.
+
+Run ``python tools/gen_troubleshooting.py`` after changing an error message;
+tests/test_docs.py checks the page against the live messages.
+"""
+
+import pathlib
+import textwrap
+import warnings
+
+import pyro
+
+from batchplate import BatchPlateError
+
+warnings.simplefilter("ignore")
+
+SETUP = """\
+import pyro
+import pyro.distributions as dist
+import torch
+from torch import nn
+
+import batchplate
+from batchplate import BatchPlateError, RenyiELBO, Trace_ELBO, batch_plate
+
+x = torch.tensor([9.5, 9.1, 9.2])  # a minibatch of three measurements
+elbo = Trace_ELBO()
+
+
+def model(x):
+    with batch_plate("data", len(x)):
+        w = pyro.sample("w", dist.Normal(8.5, 1.0))
+        pyro.sample("x", dist.Normal(w, 0.75), obs=x)
+
+
+def guide(x):
+    with batch_plate("data", len(x)):
+        pyro.sample("w", dist.Normal(x, 1.0))
+
+
+def seq_model(x):
+    for i in batch_plate("data", len(x)):
+        w = pyro.sample(f"w_{i}", dist.Normal(8.5, 1.0))
+        pyro.sample(f"x_{i}", dist.Normal(w, 0.75), obs=x[i])
+
+
+def seq_guide(x):
+    for i in batch_plate("data", len(x)):
+        pyro.sample(f"w_{i}", dist.Normal(x[i], 1.0))
+
+
+elbo.loss(model, guide, x), elbo.loss(seq_model, seq_guide, x)  # both fine
+"""
+
+CASES = [
+    (
+        "A site outside the batch plate (a global latent)",
+        """Rule: every sample site of model and guide lies inside the one batch plate.
+A latent shared by all data (here a prior mean `mu`) makes the data of a
+minibatch dependent, so per-datum objectives do not apply.""",
+        """\
+def global_model(x):
+    mu = pyro.sample("mu", dist.Normal(8.5, 1.0))  # shared by every datum
+    with batch_plate("data", len(x)):
+        pyro.sample("x", dist.Normal(mu, 0.75), obs=x)
+
+
+def global_guide(x):
+    pyro.sample("mu", dist.Normal(9.0, 0.1))
+
+
+elbo.loss(global_model, global_guide, x)
+""",
+        """Either the quantity is really global: then the model is not a minibatch of
+independent data; use `pyro.plate` and Pyro's own objectives, or make `mu` a
+parameter (`pyro.param`) learned by maximum likelihood. Or it is per datum:
+draw it inside the batch plate.""",
+    ),
+    (
+        "No batch plate at all",
+        """The program still uses `pyro.plate` (or no plate) for the minibatch.""",
+        """\
+def pyro_model(x):
+    with pyro.plate("data", len(x)):
+        w = pyro.sample("w", dist.Normal(8.5, 1.0))
+        pyro.sample("x", dist.Normal(w, 0.75), obs=x)
+
+
+def pyro_guide(x):
+    with pyro.plate("data", len(x)):
+        pyro.sample("w", dist.Normal(x, 1.0))
+
+
+elbo.loss(pyro_model, pyro_guide, x)
+""",
+        """Replace the plate over the minibatch by `batch_plate`, in model and guide
+(see [Migrating](migration.md)).""",
+    ),
+    (
+        "A guide site outside the batch plate",
+        """Problem 3 of the seed: the guide draws a latent outside the batch plate
+while the model draws it inside, so one draw serves several data.""",
+        """\
+def loop_guide(x):
+    for i in range(len(x)):  # a plain Python loop, not the batch plate
+        pyro.sample(f"w_{i}", dist.Normal(x[i], 1.0))
+
+
+elbo.loss(seq_model, loop_guide, x)
+""",
+        """Draw the site inside the same batch plate as the model, from that datum's
+input only (`seq_guide` above).""",
+    ),
+    (
+        "A guide site drawn at another datum",
+        """With a sequential batch plate, each datum's latents must be drawn in that
+datum's iteration. Here the guide draws datum 1's latent in iteration 0.""",
+        """\
+def shifted_guide(x):
+    for i in batch_plate("data", len(x)):
+        j = (i + 1) % len(x)
+        pyro.sample(f"w_{j}", dist.Normal(x[j], 1.0))
+
+
+elbo.loss(seq_model, shifted_guide, x)
+""",
+        """Sample `w_i` in iteration `i`, conditioned on `x[i]`.""",
+    ),
+    (
+        "Model and guide disagree on the batch plate",
+        """Model and guide must use the same batch plate: same name, size,
+subsample, dim, and both vectorized or both sequential.""",
+        """\
+def renamed_guide(x):
+    with batch_plate("batch", len(x)):  # the model's plate is "data"
+        pyro.sample("w", dist.Normal(x, 1.0))
+
+
+elbo.loss(model, renamed_guide, x)
+""",
+        """Use the same `batch_plate(name, size, ...)` call in both (a helper function
+that returns it is a good way).""",
+    ),
+    (
+        "Two batch plates in one program",
+        """A program has exactly one batch plate. Here the model opens a second one
+for the observations.""",
+        """\
+def two_plate_model(x):
+    with batch_plate("data", len(x)):
+        w = pyro.sample("w", dist.Normal(8.5, 1.0))
+    with batch_plate("data2", len(x)):
+        pyro.sample("x", dist.Normal(w, 0.75), obs=x)
+
+
+elbo.loss(two_plate_model, guide, x)
+""",
+        """Reuse one plate for every datum-level site (open it once, or reuse the
+plate object: `data = batch_plate("data", len(x))` then `with data:` twice).""",
+    ),
+    (
+        "Nested batch plates",
+        """A batch plate inside another. Plates inside a datum (pixels, time steps,
+words) are ordinary plates.""",
+        """\
+def nested_model(x):
+    with batch_plate("data", len(x)):
+        with batch_plate("pixels", 2):
+            pyro.sample("w", dist.Normal(8.5, 1.0))
+
+
+elbo.loss(nested_model, nested_model, x)
+""",
+        """Use `pyro.plate` for the inner plate. (Pyro appends the shapes of the
+trace so far to errors raised while tracing.)""",
+    ),
+    (
+        "A loop over the plate that ends early",
+        """The seed's first program: a `return` inside `for i in pyro.plate(...)`
+ended the loop after the first datum, and training silently used datum 0
+only.""",
+        """\
+def early_model(x):
+    for i in batch_plate("data", len(x)):
+        w = pyro.sample(f"w_{i}", dist.Normal(8.5, 1.0))
+        return pyro.sample(f"x_{i}", dist.Normal(w, 0.75), obs=x[i])
+
+
+def early_guide(x):
+    for i in batch_plate("data", len(x)):
+        return pyro.sample(f"w_{i}", dist.Normal(x[i], 1.0))
+
+
+elbo.loss(early_model, early_guide, x)
+""",
+        """Let the loop run over every datum; collect per-datum results in a list if
+the program must return them.""",
+    ),
+    (
+        "Non-finite log weights",
+        """A log weight of datum `b` is `-inf`, `+inf` or NaN. batchplate stops with
+the datum, its index in the dataset and the offending sites, instead of
+returning NaN parameters a few steps later. Here one measurement is
+infinite.""",
+        """\
+corrupt = torch.tensor([9.5, float("inf"), 9.2])
+elbo.loss(model, guide, corrupt)
+""",
+        """Check the data at the reported indices; check that the guide's support
+matches the model's (a guide proposing values the model gives zero density);
+check the guide's parameters (a scale that reached 0).""",
+    ),
+    (
+        "Control flow on sampled values under `vectorize_particles=True`",
+        """A program whose structure depends on sampled values cannot be traced with
+all particles at once.""",
+        """\
+def geometric(b, logits, t=0):
+    if pyro.sample(f"g_{b}_{t}", dist.Bernoulli(logits=logits)) == 1:
+        return 0
+    return 1 + geometric(b, logits, t + 1)
+
+
+def geo_model(obs):
+    for b in batch_plate("batch", len(obs)):
+        g = geometric(b, torch.tensor(0.0))
+        hit = torch.tensor(float(g == obs[b]))
+        pyro.sample(f"obs_{b}", dist.Bernoulli(probs=torch.tensor(0.99)), obs=hit)
+
+
+def geo_guide(obs):
+    for b in batch_plate("batch", len(obs)):
+        geometric(b, pyro.param("guide_logits", torch.tensor(0.0)))
+
+
+iwae = RenyiELBO(alpha=0, num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+iwae.loss(geo_model, geo_guide, torch.tensor([1, 2, 3]))
+""",
+        """Use `vectorize_particles=False` (one trace per particle), or write the
+program in padded form (see [Padded traces](padded.md)).""",
+    ),
+    (
+        "No sample sites",
+        """Model and guide sample nothing (for example, the data were never
+observed).""",
+        """\
+def empty(x):
+    pass
+
+
+elbo.loss(empty, empty, x)
+""",
+        """Observe the data inside the batch plate with
+`pyro.sample(..., obs=...)`.""",
+    ),
+    (
+        "A padded loop that reaches `max_steps` (`PaddedLoopError`)",
+        """`PaddedLoopError`, a `BatchPlateError`, is raised by a padded loop
+(`batchplate.Lanes`, see [Padded traces](padded.md)) that reaches its
+`max_steps` while some lanes are still running. Here a geometric loop with
+success probability 0.01 gets 3 steps.""",
+        """\
+def padded_geometric():
+    with batch_plate("data", len(x)):
+        lanes = batchplate.Lanes("g", max_steps=3)
+        for _ in lanes:
+            flip = lanes.sample(dist.Bernoulli(logits=torch.tensor(-4.6)))
+            lanes.finish(flip == 1)
+
+
+torch.manual_seed(0)
+padded_geometric()
+""",
+        """Raise `max_steps` (the trace only has as many steps as its longest lane
+needs, so a generous bound costs nothing on typical draws), or pass
+`on_max="warn"` when truncating is part of your model.""",
+    ),
+    (
+        "A batch plate without a size",
+        """`batch_plate` needs the number of data `N` (the dataset size when
+subsampling, else the minibatch size).""",
+        """\
+batch_plate("data", None)
+""",
+        """Pass `len(dataset)` with `subsample_size=` or `subsample=`, or `len(x)` for
+a minibatch `x`.""",
+    ),
+    (
+        "Data coupled by the guide (`check_batch_independence`)",
+        """Batch normalization in training mode computes statistics of the whole
+minibatch, so datum `b`'s guide depends on every other datum. The program's
+structure does not show it; the opt-in check measures it with autograd.""",
+        """\
+torch.manual_seed(0)
+net = nn.Sequential(nn.Linear(1, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def batchnorm_guide(x):
+    pyro.module("net", net)
+    with batch_plate("data", len(x)):
+        loc, log_scale = net(x.unsqueeze(-1)).unbind(-1)
+        pyro.sample("w", dist.Normal(loc, log_scale.exp()))
+
+
+batchplate.check_batch_independence(model, batchnorm_guide, x)
+""",
+        """Use a per-datum normalization (`nn.LayerNorm`), or put batch normalization
+in `eval()` mode; run the check once before training.""",
+    ),
+]
+
+ns = {}
+exec(SETUP, ns)
+out = [
+    """# Troubleshooting
+
+batchplate raises one exception type, `BatchPlateError` (a `ValueError`;
+padded loops raise its subclass `PaddedLoopError`), when a program breaks an
+assumption of per-datum objectives, rather than return a silently wrong
+number. Each section below shows a small program
+that triggers the error, the message it prints (pasted from a real run, and
+checked by the test suite) and the fix.
+
+The examples share this set-up, a batch of three measurements with the seed's
+scale model, vectorized and sequential:
+
+```python
+"""
+    + SETUP
+    + "```\n"
+]
+for title, cause, code, fix in CASES:
+    pyro.clear_param_store()
+    try:
+        exec(code, ns)
+    except BatchPlateError as e:
+        msg = f"{type(e).__name__}: {e}"
+    else:
+        raise SystemExit(f"no error for {title}")
+    msg = "\n".join(line.rstrip() for line in msg.splitlines())
+    wrapped = "\n".join(
+        textwrap.fill(line, 88, break_long_words=False, break_on_hyphens=False)
+        if len(line) > 88
+        else line
+        for line in msg.splitlines()
+    )
+    out.append(
+        f"## {title}\n\n{cause}\n\n```python\n# raises BatchPlateError\n{code}```\n\n"
+        f"```text\n{wrapped}\n```\n\n**Fix.** {fix}\n"
+    )
+out.append("""## A site whose density has no batch dimension
+
+Inside a vectorized batch plate every site's `log_prob` must carry the batch
+plate's dim, one entry per datum. If a site's density has none (an event dim
+over the batch, for instance), batchplate raises
+
+```text
+BatchPlateError: model site 'x' lies in batch plate 'data' (size 3, dim -1) but its
+log_prob has shape (), with no batch dimension: its density couples the data of the
+minibatch (for example an event dim over the batch, via .to_event() or a multivariate
+distribution). Make each datum's site its own batch element.
+```
+
+(the site, sizes and shape are those of your program). In practice Pyro's
+plate broadcasts such a distribution across the batch first, so the usual
+symptom is different: a joint density over the batch is counted once per
+datum. Both are coupling; `check_batch_independence` finds the second.
+
+**Fix.** Give each datum its own batch element: `dist.Normal(loc, scale)`
+with `loc` of shape `[B]` (or `[B, D]` with `.to_event(1)` over `D` only).
+
+## Warnings from Pyro
+
+batchplate's objectives run Pyro's own model/guide checks first, so Pyro's
+messages (shape mismatches, "Found plate statements in guide but not model",
+invalid `log_prob` shapes) can appear before batchplate's. They mean what they
+mean in Pyro; fix them as there.
+""")
+(pathlib.Path(__file__).resolve().parents[1] / "docs" / "troubleshooting.md").write_text(
+    "\n".join(out)
+)
+print("ok")
