@@ -89,6 +89,45 @@ def test_global_observation_outside_batch_plate():
     assert "pyro.plate" in message
 
 
+@pytest.mark.parametrize("particles", [1, 3])
+def test_event_dims_over_the_minibatch(particles):
+    """A density over the whole batch, broadcast by the plate, would give every datum
+    the joint density of all data (and the same number in every column)."""
+
+    def joint_model(x):
+        with batch_plate("data", len(x)):
+            pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(torch.zeros(3), 1.0).to_event(1), obs=x)
+
+    msg = raises(
+        joint_model,
+        vec_guide,
+        X,
+        match="model site 'x' lies in batch plate 'data'",
+        num_particles=particles,
+        vectorize_particles=particles > 1,
+    )
+    assert "event shape (3,)" in msg and "no batch dimension" in msg
+    assert "obs=value.expand(B, ...)" in msg
+
+
+def test_per_datum_event_dims_and_shared_observation_are_fine():
+    """Event dims inside a datum, and one scalar observed by every datum, are per-datum."""
+
+    def model(x):
+        with batch_plate("data", len(x)):
+            w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+            pyro.sample("x", dist.Normal(w, 1.0).to_event(1), obs=x)
+            pyro.sample("y", dist.Normal(w.sum(-1), 1.0), obs=torch.tensor(0.0))
+
+    def guide(x):
+        with batch_plate("data", len(x)):
+            pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
+
+    x = torch.ones(3, 2)
+    assert log_weights(model, guide, x, num_particles=4, vectorize_particles=True).shape == (4, 3)
+
+
 def test_no_batch_plate_at_all():
     """A model written with pyro.plate only: point to batch_plate."""
 

@@ -286,6 +286,25 @@ batch_plate("data", None)
 a minibatch `x`.""",
     ),
     (
+        "A density whose event dims run over the minibatch",
+        """Inside a vectorized batch plate each datum must be its own batch element.
+A distribution whose event dims span the data (`.to_event(1)` over the batch, or
+a multivariate distribution over it) is broadcast by the plate, and every datum
+would carry the joint density of all of them.""",
+        """\
+def joint_model(x):
+    with batch_plate("data", len(x)):
+        w = pyro.sample("w", dist.Normal(8.5, 1.0))
+        pyro.sample("x", dist.Normal(w.expand(3), 0.75).to_event(1), obs=x)
+
+
+elbo.loss(joint_model, guide, x)
+""",
+        """Give each datum its own batch element: `dist.Normal(w, 0.75)` with `w` of
+shape `[B]` (or `[B, D]` with `.to_event(1)` over `D` only). If every datum really
+observes the same vector, expand it to the batch: `obs=value.expand(B, D)`.""",
+    ),
+    (
         "Data coupled by the guide (`check_batch_independence`)",
         """Batch normalization in training mode computes statistics of the whole
 minibatch, so datum `b`'s guide depends on every other datum. The program's
@@ -348,28 +367,7 @@ for title, cause, code, fix in CASES:
         f"## {title}\n\n{cause}\n\n```python\n# raises BatchPlateError\n{code}```\n\n"
         f"```text\n{wrapped}\n```\n\n**Fix.** {fix}\n"
     )
-out.append("""## A site whose density has no batch dimension
-
-Inside a vectorized batch plate every site's `log_prob` must carry the batch
-plate's dim, one entry per datum. If a site's density has none (an event dim
-over the batch, for instance), batchplate raises
-
-```text
-BatchPlateError: model site 'x' lies in batch plate 'data' (size 3, dim -1) but its
-log_prob has shape (), with no batch dimension: its density couples the data of the
-minibatch (for example an event dim over the batch, via .to_event() or a multivariate
-distribution). Make each datum's site its own batch element.
-```
-
-(the site, sizes and shape are those of your program). In practice Pyro's
-plate broadcasts such a distribution across the batch first, so the usual
-symptom is different: a joint density over the batch is counted once per
-datum. Both are coupling; `check_batch_independence` finds the second.
-
-**Fix.** Give each datum its own batch element: `dist.Normal(loc, scale)`
-with `loc` of shape `[B]` (or `[B, D]` with `.to_event(1)` over `D` only).
-
-## Warnings from Pyro
+out.append("""## Warnings from Pyro
 
 batchplate's objectives run Pyro's own model/guide checks first, so Pyro's
 messages (shape mismatches, "Found plate statements in guide but not model",

@@ -176,3 +176,18 @@ def report_non_finite(
         f"Data with non-finite weights: {shown}. Check the data at those indices, the support "
         "of the guide against the model's, and the guide's parameters."
     )
+
+
+def event_over_batch_error(role: str, name: str, site: dict, batch) -> BatchPlateError:
+    """Rule 1 in disguise: a density whose event dims run over the minibatch."""
+    fn = site["fn"]
+    return BatchPlateError(
+        f"{role} site '{name}' lies in batch plate '{batch.name}' (size {batch.size}, dim "
+        f"{batch.dim}) but its value has shape {tuple(site['value'].shape)} with event shape "
+        f"{tuple(getattr(fn, 'event_shape', ()))} and no batch dimension: its density couples "
+        "the data of the minibatch (an event dim over the batch, via .to_event() or a "
+        "multivariate distribution), and the plate would give every datum the joint density "
+        "of all of them. Make each datum its own batch element (event dims only inside a "
+        "datum); if every datum really observes the same value, expand it to the batch "
+        "(obs=value.expand(B, ...))."
+    )

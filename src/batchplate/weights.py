@@ -35,6 +35,7 @@ from .validation import (
     check_guide_datum,
     check_sequential_coverage,
     dynamic_program_error,
+    event_over_batch_error,
     missing_batch_plate_error,
     plates_disagree_error,
     report_non_finite,
@@ -354,6 +355,14 @@ def _site_score_log_prob(site: dict) -> torch.Tensor:
     return scale_and_mask(site["unscaled_log_prob"], mask=site["mask"])
 
 
+def _event_spans_batch(site: dict, batch: BatchInfo) -> bool:
+    """A value with event dims but no batch-plate dim: the plate broadcast a density
+    over the whole minibatch (``.to_event()`` over the data), so every datum would
+    carry the joint density of all of them."""
+    event_dim = getattr(site["fn"], "event_dim", 0)
+    return event_dim > 0 and site["value"].dim() - event_dim < -batch.dim
+
+
 def _same_plate(a: BatchFrame, b: BatchFrame) -> bool:
     return (a.name, a.dim, a.size, a.full_size) == (b.name, b.dim, b.size, b.full_size)
 
@@ -433,15 +442,8 @@ def compute_log_weights(
                 log_prob = _site_log_prob(site, batch)
                 if batch.vectorized:
                     value = _to_kb(log_prob, particle_dim, batch.dim)
-                    if value.shape[1] != batch.size:
-                        raise BatchPlateError(
-                            f"{role} site '{name}' lies in batch plate '{batch.name}' (size "
-                            f"{batch.size}, dim {batch.dim}) but its log_prob has shape "
-                            f"{tuple(site['log_prob'].shape)}, with no batch dimension: its "
-                            "density couples the data of the minibatch (for example an event "
-                            "dim over the batch, via .to_event() or a multivariate distribution). "
-                            "Make each datum's site its own batch element."
-                        )
+                    if value.shape[1] != batch.size or _event_spans_batch(site, batch):
+                        raise event_over_batch_error(role, name, site, batch)
                     datum = None
                 else:
                     value = _to_kb(log_prob, particle_dim, None)
