@@ -119,6 +119,7 @@ def test_per_datum_event_dims_and_shared_observation_are_fine():
             w = pyro.sample("w", dist.Normal(torch.zeros(2), 1.0).to_event(1))
             pyro.sample("x", dist.Normal(w, 1.0).to_event(1), obs=x)
             pyro.sample("y", dist.Normal(w.sum(-1), 1.0), obs=torch.tensor(0.0))
+            pyro.factor("f", torch.tensor(-1.0))  # Unit: an empty value with event dims
 
     def guide(x):
         with batch_plate("data", len(x)):

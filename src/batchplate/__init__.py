@@ -10,6 +10,7 @@ from .errors import BatchPlateError
 from .evaluate import log_evidence
 from .independence import IndependenceReport, check_batch_independence
 from .objectives import VIMCO, BatchObjective, RenyiELBO, ReweightedWakeSleep, Trace_ELBO
+from .padded import Lanes, LaneStack, PaddedLoopError, padded_loop
 from .plate import BatchFrame, batch_plate
 from .weights import LogWeights, log_weights
 
@@ -20,7 +21,10 @@ __all__ = [
     "BatchObjective",
     "BatchPlateError",
     "IndependenceReport",
+    "LaneStack",
+    "Lanes",
     "LogWeights",
+    "PaddedLoopError",
     "RenyiELBO",
     "ReweightedWakeSleep",
     "Trace_ELBO",
@@ -29,4 +33,5 @@ __all__ = [
     "check_batch_independence",
     "log_evidence",
     "log_weights",
+    "padded_loop",
 ]

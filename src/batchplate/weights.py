@@ -360,7 +360,9 @@ def _event_spans_batch(site: dict, batch: BatchInfo) -> bool:
     over the whole minibatch (``.to_event()`` over the data), so every datum would
     carry the joint density of all of them."""
     event_dim = getattr(site["fn"], "event_dim", 0)
-    return event_dim > 0 and site["value"].dim() - event_dim < -batch.dim
+    value = site["value"]
+    # pyro.factor's Unit value is empty: its log factor alone carries the shape.
+    return event_dim > 0 and value.numel() > 0 and value.dim() - event_dim < -batch.dim
 
 
 def _same_plate(a: BatchFrame, b: BatchFrame) -> bool:
