@@ -69,7 +69,8 @@ def available_examples() -> list[str]:
     """Names of the modules in ``batchplate.examples`` (importable or not)."""
     from . import examples
 
-    return sorted(m.name for m in pkgutil.iter_modules(examples.__path__) if not m.ispkg)
+    modules = pkgutil.iter_modules(examples.__path__)
+    return sorted(m.name for m in modules if not m.ispkg and not m.name.startswith("_"))
 
 
 def load_example(name: str):

@@ -48,8 +48,8 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-import batchplate
 from batchplate import batch_plate
+from batchplate.examples import _objectives as objectives
 from batchplate.padded import Lanes
 
 NAME = "geometric"
@@ -212,20 +212,9 @@ def sample_data(n: int, p: float, seed: int = 0) -> torch.Tensor:
 
 def make_objective(name: str, num_particles: int, form: str):
     """The batchplate objective called ``name``; particles vectorized for the padded form."""
-    common = {
-        "num_particles": num_particles,
-        "vectorize_particles": form == "padded",
-        "max_plate_nesting": 1,
-    }
-    if name == "rws":
-        return batchplate.ReweightedWakeSleep(insomnia=1.0, **common)
-    if name == "iwae":
-        return batchplate.RenyiELBO(alpha=0.0, **common)
-    if name == "vimco":
-        return batchplate.VIMCO(**common)
-    if name == "elbo":
-        return batchplate.Trace_ELBO(**common)
-    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+    return objectives.make_objective(
+        name, num_particles, vectorize_particles=form == "padded", allowed=OBJECTIVES
+    )
 
 
 def train(

@@ -48,8 +48,8 @@ import pyro.distributions as dist
 import torch
 from torch import nn
 
-import batchplate
 from batchplate import batch_plate
+from batchplate.examples import _objectives as objectives
 
 NAME = "gmm"
 OBJECTIVES = ("rws", "ws", "iwae", "vimco", "elbo")
@@ -161,16 +161,7 @@ class GMM:
 
 def make_objective(name: str, num_particles: int):
     """The batchplate objective called ``name``, with vectorized particles."""
-    common = {"num_particles": num_particles, "vectorize_particles": True, "max_plate_nesting": 1}
-    if name in ("rws", "ws"):
-        return batchplate.ReweightedWakeSleep(insomnia=1.0 if name == "rws" else 0.0, **common)
-    if name == "iwae":
-        return batchplate.RenyiELBO(alpha=0.0, **common)
-    if name == "vimco":
-        return batchplate.VIMCO(**common)
-    if name == "elbo":
-        return batchplate.Trace_ELBO(**common)
-    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+    return objectives.make_objective(name, num_particles, allowed=OBJECTIVES)
 
 
 def train(

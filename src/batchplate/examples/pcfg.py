@@ -65,6 +65,7 @@ from torch import nn
 
 import batchplate
 from batchplate import batch_plate
+from batchplate.examples import _objectives as objectives
 from batchplate.padded import Lanes, LaneStack
 
 NAME = "pcfg"
@@ -530,16 +531,10 @@ class PCFG:
 
 
 def make_objective(name: str, num_particles: int, form: str):
-    common = {
-        "num_particles": num_particles,
-        "vectorize_particles": form == "padded",
-        "max_plate_nesting": 1,
-    }
-    if name == "rws":
-        return batchplate.ReweightedWakeSleep(insomnia=1.0, **common)
-    if name == "vimco":
-        return batchplate.VIMCO(**common)
-    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+    """The batchplate objective called ``name``; particles vectorized for the padded form."""
+    return objectives.make_objective(
+        name, num_particles, vectorize_particles=form == "padded", allowed=OBJECTIVES
+    )
 
 
 def learned_probabilities(theta: torch.Tensor) -> dict[str, list[float]]:

@@ -34,6 +34,7 @@ import torch
 
 import batchplate
 from batchplate import batch_plate
+from batchplate.examples import _objectives as objectives
 
 NAME = "scale"
 OBJECTIVES = ("elbo", "iwae", "vimco", "rws", "ws")
@@ -180,20 +181,9 @@ def train(
 def make_objective(name: str, num_particles: int, layout: str = "vectorized"):
     """The batchplate objective called ``name`` (one of :data:`OBJECTIVES`).
 
-    Particles are vectorized in both layouts (the program's structure is
-    static); the batch plate is the only vectorized plate, hence
-    ``max_plate_nesting=1``.
+    Particles are vectorized in both layouts (the program's structure is static).
     """
-    common = {"num_particles": num_particles, "vectorize_particles": True, "max_plate_nesting": 1}
-    if name == "elbo":
-        return batchplate.Trace_ELBO(**common)
-    if name == "iwae":
-        return batchplate.RenyiELBO(alpha=0.0, **common)
-    if name == "vimco":
-        return batchplate.VIMCO(**common)
-    if name in ("rws", "ws"):
-        return batchplate.ReweightedWakeSleep(insomnia=1.0 if name == "rws" else 0.0, **common)
-    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+    return objectives.make_objective(name, num_particles, allowed=OBJECTIVES)
 
 
 def _current_params(learn_prior: bool) -> dict[str, float]:

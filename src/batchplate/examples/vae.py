@@ -39,6 +39,7 @@ from torch import nn
 
 import batchplate
 from batchplate import batch_plate
+from batchplate.examples import _objectives as objectives
 
 NAME = "vae"
 OBJECTIVES = ("elbo", "iwae", "vimco", "rws", "ws")
@@ -124,16 +125,7 @@ class VAE(nn.Module):
 
 def make_objective(name: str, num_particles: int) -> batchplate.BatchObjective:
     """The batchplate objective called ``name`` with ``K = num_particles``, vectorized."""
-    kw = {"num_particles": num_particles, "vectorize_particles": True, "max_plate_nesting": 1}
-    if name == "elbo":
-        return batchplate.Trace_ELBO(**kw)
-    if name == "iwae":
-        return batchplate.RenyiELBO(alpha=0, **kw)
-    if name == "vimco":
-        return batchplate.VIMCO(**kw)
-    if name in ("rws", "ws"):
-        return batchplate.ReweightedWakeSleep(insomnia=1.0 if name == "rws" else 0.0, **kw)
-    raise ValueError(f"unknown objective {name!r}; choose one of {OBJECTIVES}")
+    return objectives.make_objective(name, num_particles, allowed=OBJECTIVES)
 
 
 def test_log_likelihood(
