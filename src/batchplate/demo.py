@@ -220,7 +220,7 @@ class Settings:
 
     iwae_particles: int = 1000
     iwae_repeats: int = 30
-    sequential_particles: int = 1000
+    sequential_particles: int = 500
     sequential_repeats: int = 4
     elbo_particles: int = 1000
     elbo_repeats: int = 20
