@@ -49,7 +49,7 @@ import pyro.distributions as dist
 import torch
 
 from batchplate import batch_plate
-from batchplate.examples import _objectives as objectives
+from batchplate.examples import _common as common
 from batchplate.padded import Lanes
 
 NAME = "geometric"
@@ -169,8 +169,7 @@ def guide_padded_amortized(
 def program(form: str, guide: str = "seed"):
     """``(model, guide)`` of the given form; ``guide="seed"`` (one logit, as in the seed)
     or ``"amortized"`` (:func:`amortized_logits`, conditioned on the datum)."""
-    if guide not in GUIDES:
-        raise ValueError(f"unknown guide {guide!r}; choose one of {GUIDES}")
+    common.check_choice("guide", guide, GUIDES)
     if form == "padded":
         return model_padded, (guide_padded if guide == "seed" else guide_padded_amortized)
     if form == "sequential":
@@ -212,7 +211,7 @@ def sample_data(n: int, p: float, seed: int = 0) -> torch.Tensor:
 
 def make_objective(name: str, num_particles: int, form: str):
     """The batchplate objective called ``name``; particles vectorized for the padded form."""
-    return objectives.make_objective(
+    return common.make_objective(
         name, num_particles, vectorize_particles=form == "padded", allowed=OBJECTIVES
     )
 
@@ -298,18 +297,13 @@ def run(
     """Train the geometric program in one form; plot ``p``, the guide's ``q`` and the
     evidence gap. Returns ``p``, ``p_mle``, ``q``, ``evidence_gap``, ``final_loss``,
     ``seconds``, ``ms_per_step`` and ``plot``."""
-    from tqdm.auto import tqdm
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; choose one of {FORMS}")
-    if guide not in GUIDES:
-        raise ValueError(f"unknown guide {guide!r}; choose one of {GUIDES}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    common.check_choice("objective", objective, OBJECTIVES)
+    common.check_choice("form", form, FORMS)
+    common.check_choice("guide", guide, GUIDES)
+    out = common.output_dir(out_dir)
     stem = f"{NAME}-{objective}"
-    bar = tqdm(total=steps, desc=f"{stem} ({form})", disable=not progress, mininterval=0.5)
+    bar = common.progress_bar(steps, f"{stem} ({form})", progress)
     t0 = time.perf_counter()
     history = train(
         objective,
@@ -329,10 +323,7 @@ def run(
     seconds = time.perf_counter() - t0
     bar.close()
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     axes[0].plot(history["step"], history["p"], label="model p = sigmoid(theta)")
@@ -351,10 +342,7 @@ def run(
         f"geometric ({form}, {guide} guide), {objective}, K={num_particles}, B={batch_size}",
         fontsize=10,
     )
-    fig.tight_layout()
-    plot = out / f"{stem}.png"
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
+    plot = common.save_figure(fig, out / f"{stem}.png")
 
     metrics = {
         "example": NAME,

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from batchplate import batch_plate
-from batchplate.examples import _objectives as objectives
+from batchplate.examples import _common as common
 
 NAME = "gmm"
 OBJECTIVES = ("rws", "ws", "iwae", "vimco", "elbo")
@@ -161,7 +161,7 @@ class GMM:
 
 def make_objective(name: str, num_particles: int):
     """The batchplate objective called ``name``, with vectorized particles."""
-    return objectives.make_objective(name, num_particles, allowed=OBJECTIVES)
+    return common.make_objective(name, num_particles, allowed=OBJECTIVES)
 
 
 def train(
@@ -260,14 +260,11 @@ def run(
     10% of the evaluations (``weight_error_tail``, ``kl_tail``), the initial
     values, ``final_loss``, ``seconds`` and ``plot``.
     """
-    from tqdm.auto import tqdm
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    common.check_choice("objective", objective, OBJECTIVES)
+    out = common.output_dir(out_dir)
     stem = f"{NAME}-{objective}"
-    bar = tqdm(total=steps, desc=stem, disable=not progress, mininterval=0.5)
+    bar = common.progress_bar(steps, stem, progress)
     t0 = time.perf_counter()
     _, history = train(
         objective,
@@ -286,10 +283,7 @@ def run(
     seconds = time.perf_counter() - t0
     bar.close()
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     axes[0].plot(history["step"], history["weight_error"])
@@ -299,10 +293,7 @@ def run(
     for ax in axes:
         ax.set_xlabel("step")
     fig.suptitle(f"GMM (C={C}), {objective}, K={num_particles}, B={batch_size}", fontsize=10)
-    fig.tight_layout()
-    plot = out / f"{stem}.png"
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
+    plot = common.save_figure(fig, out / f"{stem}.png")
 
     metrics = {
         "example": NAME,
@@ -355,8 +346,7 @@ def sweep(
     """
     from tqdm.auto import tqdm
 
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.output_dir(out_dir)
     configs = [(o, K) for o in objectives for K in Ks]
     bar = tqdm(total=steps * len(configs), desc="gmm sweep", disable=not progress, mininterval=1)
     rows, histories = [], {}
@@ -388,10 +378,7 @@ def sweep(
         )
     bar.close()
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(
         2, len(objectives), figsize=(3.2 * len(objectives), 6), sharex=True, sharey="row"
@@ -415,10 +402,7 @@ def sweep(
         f"GMM (C={C}), B={batch_size}, {steps} steps, Adam lr {lr} -> {lr_final}, seed {seed}",
         fontsize=10,
     )
-    fig.tight_layout()
-    plot = out / f"{NAME}-sweep.png"
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
+    plot = common.save_figure(fig, out / f"{NAME}-sweep.png")
     for row in rows:
         row["plot"] = str(plot)
     return rows

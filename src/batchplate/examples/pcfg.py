@@ -65,7 +65,7 @@ from torch import nn
 
 import batchplate
 from batchplate import batch_plate
-from batchplate.examples import _objectives as objectives
+from batchplate.examples import _common as common
 from batchplate.padded import Lanes, LaneStack
 
 NAME = "pcfg"
@@ -532,7 +532,7 @@ class PCFG:
 
 def make_objective(name: str, num_particles: int, form: str):
     """The batchplate objective called ``name``; particles vectorized for the padded form."""
-    return objectives.make_objective(
+    return common.make_objective(
         name, num_particles, vectorize_particles=form == "padded", allowed=OBJECTIVES
     )
 
@@ -647,16 +647,12 @@ def run(
     ``probabilities`` of NP and VP, ``final_loss``, ``seconds``,
     ``ms_per_step`` and ``plot``.
     """
-    from tqdm.auto import tqdm
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    if form not in FORMS:
-        raise ValueError(f"unknown form {form!r}; choose one of {FORMS}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    common.check_choice("objective", objective, OBJECTIVES)
+    common.check_choice("form", form, FORMS)
+    out = common.output_dir(out_dir)
     stem = f"{NAME}-{objective}"
-    bar = tqdm(total=steps, desc=f"{stem} ({form})", disable=not progress, mininterval=0.5)
+    bar = common.progress_bar(steps, f"{stem} ({form})", progress)
     t0 = time.perf_counter()
     _, history = train(
         objective,
@@ -677,10 +673,7 @@ def run(
     seconds = time.perf_counter() - t0
     bar.close()
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     axes[0].plot(history["step"], history["tv"], label="to the true grammar")
@@ -695,10 +688,7 @@ def run(
         ax.set_xlabel("step")
         ax.grid(alpha=0.3, which="both")
     fig.suptitle(f"PCFG ({form}), {objective}, K={num_particles}, B={batch_size}", fontsize=10)
-    fig.tight_layout()
-    plot = out / f"{stem}.png"
-    fig.savefig(plot, dpi=110)
-    plt.close(fig)
+    plot = common.save_figure(fig, out / f"{stem}.png")
 
     tv = history["tv"]
     n_tail = max(1, len(tv[1:]) // 10)

@@ -34,7 +34,7 @@ import torch
 
 import batchplate
 from batchplate import batch_plate
-from batchplate.examples import _objectives as objectives
+from batchplate.examples import _common as common
 
 NAME = "scale"
 OBJECTIVES = ("elbo", "iwae", "vimco", "rws", "ws")
@@ -183,7 +183,7 @@ def make_objective(name: str, num_particles: int, layout: str = "vectorized"):
 
     Particles are vectorized in both layouts (the program's structure is static).
     """
-    return objectives.make_objective(name, num_particles, allowed=OBJECTIVES)
+    return common.make_objective(name, num_particles, allowed=OBJECTIVES)
 
 
 def _current_params(learn_prior: bool) -> dict[str, float]:
@@ -197,10 +197,7 @@ def _current_params(learn_prior: bool) -> dict[str, float]:
 
 
 def _plot(path: Path, history: dict, data_mean: float, learn_prior: bool, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     exact = Posterior.exact()
     targets = {"a": [exact.a], "c": [exact.c], "scale": [exact.scale], "guess": [GUESS]}
@@ -219,9 +216,7 @@ def _plot(path: Path, history: dict, data_mean: float, learn_prior: bool, title:
     for ax in axes[1]:
         ax.set_xlabel("step")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_figure(fig, path)
 
 
 def run(
@@ -253,20 +248,16 @@ def run(
     the learned prior mean, ``data_mean``, ``final_loss`` (running mean of the
     wake-theta loss for ``rws``/``ws``), ``seconds`` and ``plot``.
     """
-    from tqdm.auto import tqdm
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    if layout not in PROGRAMS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {tuple(PROGRAMS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    common.check_choice("objective", objective, OBJECTIVES)
+    common.check_choice("layout", layout, tuple(PROGRAMS))
+    out = common.output_dir(out_dir)
     stem = f"{NAME}-{objective}"
     data = make_dataset(dataset_size)
     data_mean = data.mean().item()
     history: dict = {k: [] for k in ("step", "a", "c", "scale", "guess")}
     state = {"running": math.nan}
-    bar = tqdm(total=steps, desc=stem, disable=not progress, mininterval=0.5)
+    bar = common.progress_bar(steps, stem, progress)
 
     def callback(step: int, losses) -> None:
         loss = losses[0] if isinstance(losses, tuple) else losses  # RWS: (wake-theta, phi)

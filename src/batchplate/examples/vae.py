@@ -39,7 +39,7 @@ from torch import nn
 
 import batchplate
 from batchplate import batch_plate
-from batchplate.examples import _objectives as objectives
+from batchplate.examples import _common as common
 
 NAME = "vae"
 OBJECTIVES = ("elbo", "iwae", "vimco", "rws", "ws")
@@ -125,7 +125,7 @@ class VAE(nn.Module):
 
 def make_objective(name: str, num_particles: int) -> batchplate.BatchObjective:
     """The batchplate objective called ``name`` with ``K = num_particles``, vectorized."""
-    return objectives.make_objective(name, num_particles, allowed=OBJECTIVES)
+    return common.make_objective(name, num_particles, allowed=OBJECTIVES)
 
 
 def test_log_likelihood(
@@ -155,10 +155,7 @@ def _grid(images: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
 
 
 def _save_plots(out: Path, stem: str, history: dict, vae: VAE, test: torch.Tensor, seed: int):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = common.pyplot()
 
     paths = {}
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -181,10 +178,7 @@ def _save_plots(out: Path, stem: str, history: dict, vae: VAE, test: torch.Tenso
     lo = min(min(-v for v in history["train_ll"]), min(history["running_loss"]))
     ax.set_ylim(lo - 1, lo + 25)
     ax.legend()
-    fig.tight_layout()
-    paths["plot"] = out / f"{stem}.png"
-    fig.savefig(paths["plot"], dpi=110)
-    plt.close(fig)
+    paths["plot"] = common.save_figure(fig, out / f"{stem}.png")
 
     with torch.no_grad():
         shown = test[:16]
@@ -201,19 +195,13 @@ def _save_plots(out: Path, stem: str, history: dict, vae: VAE, test: torch.Tenso
         ax.imshow(_grid(images.cpu(), 1, 16).numpy(), cmap="gray_r", vmin=0, vmax=1)
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    fig.tight_layout()
-    paths["reconstructions"] = out / f"{stem}-reconstructions.png"
-    fig.savefig(paths["reconstructions"], dpi=110)
-    plt.close(fig)
+    paths["reconstructions"] = common.save_figure(fig, out / f"{stem}-reconstructions.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.4))
     ax.imshow(_grid(samples.cpu(), 4, 8).numpy(), cmap="gray_r", vmin=0, vmax=1)
     ax.set_title("pixel probabilities of x | z, z ~ N(0, I) (prior samples)", fontsize=9)
     ax.axis("off")
-    fig.tight_layout()
-    paths["samples"] = out / f"{stem}-samples.png"
-    fig.savefig(paths["samples"], dpi=110)
-    plt.close(fig)
+    paths["samples"] = common.save_figure(fig, out / f"{stem}-samples.png")
     return paths
 
 
@@ -252,10 +240,8 @@ def run(
     """
     from tqdm.auto import tqdm
 
-    if objective not in OBJECTIVES:
-        raise ValueError(f"unknown objective {objective!r}; choose one of {OBJECTIVES}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    common.check_choice("objective", objective, OBJECTIVES)
+    out = common.output_dir(out_dir)
     stem = f"{NAME}-{objective}"
 
     train, test = load_data()
