@@ -10,7 +10,7 @@ from .errors import BatchPlateError
 from .evaluate import log_evidence
 from .independence import IndependenceReport, check_batch_independence
 from .objectives import VIMCO, BatchObjective, RenyiELBO, ReweightedWakeSleep, Trace_ELBO
-from .padded import Lanes, LaneStack, PaddedLoopError, padded_loop
+from .padded import Lanes, LaneStack, PaddedLoopError
 from .plate import BatchFrame, batch_plate
 from .weights import LogWeights, log_weights
 
@@ -33,5 +33,4 @@ __all__ = [
     "check_batch_independence",
     "log_evidence",
     "log_weights",
-    "padded_loop",
 ]
