@@ -98,7 +98,7 @@ elbo.loss(pyro_model, pyro_guide, x)
     ),
     (
         "A guide site outside the batch plate",
-        """Problem 3 of the seed: the guide draws a latent outside the batch plate
+        """Problem 3 of Pyro issue #2220: the guide draws a latent outside the batch plate
 while the model draws it inside, so one draw serves several data.""",
         """\
 def loop_guide(x):
@@ -176,7 +176,7 @@ trace so far to errors raised while tracing.)""",
     ),
     (
         "A loop over the plate that ends early",
-        """The seed's first program: a `return` inside `for i in pyro.plate(...)`
+        """The first program of Pyro issue #2220: a `return` inside `for i in pyro.plate(...)`
 ended the loop after the first datum, and training silently used datum 0
 only.""",
         """\
@@ -338,10 +338,12 @@ padded loops raise its subclass `PaddedLoopError`), when a program breaks an
 assumption of per-datum objectives, rather than return a silently wrong
 number. Each section below shows a small program
 that triggers the error, the message it prints (pasted from a real run, and
-checked by the test suite) and the fix.
+checked by the test suite) and the fix. The rules themselves are stated on the
+[Contract](contract.md#structural-rules) page.
 
-The examples share this set-up, a batch of three measurements with the seed's
-scale model, vectorized and sequential:
+The examples share this set-up, a batch of three measurements with the scale
+model of [Pyro issue #2220](https://github.com/pyro-ppl/pyro/issues/2220),
+vectorized and sequential:
 
 ```python
 """
