@@ -22,7 +22,8 @@ import batchplate
 from batchplate import Lanes, LaneStack, PaddedLoopError, batch_plate
 from batchplate.examples import geometric, pcfg
 from batchplate.padded import lane_shape
-from batchplate.weights import compute_log_weights, sample_traces
+from batchplate.draw import draw_particles
+from batchplate.weights import compute_log_weights
 from programs import geometric_log_evidence
 
 torch.set_num_threads(1)
@@ -30,10 +31,11 @@ torch.set_num_threads(1)
 
 def padded_pair(model, guide, args, K):
     """One vectorized (model, guide) trace pair of K particles and its [K, B] log weights."""
-    pairs = sample_traces(
+    particles = draw_particles(
         model, guide, args, {}, num_particles=K, vectorize_particles=True, max_plate_nesting=1
     )
-    return pairs[0], compute_log_weights(pairs, K).log_w
+    weights = compute_log_weights(particles)
+    return weights.pair, weights.log_w
 
 
 def step_values(trace, prefix: str):

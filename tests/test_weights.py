@@ -1,6 +1,7 @@
-"""The ``[K, B]`` per-datum log weights in every program layout (design.md, "Where l comes from").
+"""The ``[K, B]`` per-datum log weights in every program layout.
 
-Ground truth never comes from batchplate:
+Contract page (docs/contract.md), the ``[K, B]`` definition. Ground truth never
+comes from batchplate (exact values from ``oracles.py``):
 
 - with the exact posterior as guide, ``l[k, b] = log p(x_b)`` for every particle
   (the Conjugate model's closed-form evidence), so every objective's per-datum
@@ -8,8 +9,8 @@ Ground truth never comes from batchplate:
 - with user masks and scales, ``l`` is written by hand from the latent values
   the guide drew (recorded by the guide itself);
 - with a non-exact guide, layouts are compared with each other within Monte
-  Carlo standard errors, and the seed's geometric program against its exact
-  evidence.
+  Carlo standard errors, and the geometric program of Pyro issue #2220 against
+  its exact evidence.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from pyro import poutine
 
 import batchplate
 from batchplate import BatchPlateError, batch_plate, log_weights
-from programs import Conjugate, geometric_guide, geometric_log_evidence, geometric_model
+from oracles import conjugate_log_weights, geometric_iwae_se, geometric_log_evidence
+from programs import Conjugate, geometric_guide, geometric_model
 
 CONJ = Conjugate()
 TOL = dict(rtol=1e-5, atol=1e-4)
@@ -40,7 +42,7 @@ LAYOUTS = [
 
 def per_datum(objective, model, guide, *args):
     """``(L_b, l)`` from one draw of the objective's particles."""
-    weights = objective.log_weights(model, guide, args, {})
+    weights = objective.weigh(model, guide, args, {})
     return objective.per_datum(weights)[0], weights.log_w
 
 
@@ -127,15 +129,6 @@ def recorded_latents(record, layout, vectorize, K, B):
     return torch.stack([r.reshape(K) for r in record], 1)  # B draws of [K]
 
 
-def hand_log_weights(w, x, scale=1.0, mask=None):
-    """``l = log N(w; m, s) + mask * scale * log N(x; w, t) - log q(w | x)``, by hand."""
-    loc, r = CONJ.posterior(x)
-    obs = dist.Normal(w, CONJ.t).log_prob(x)
-    if mask is not None:
-        obs = obs * mask
-    return dist.Normal(CONJ.m, CONJ.s).log_prob(w) + scale * obs - dist.Normal(loc, r).log_prob(w)
-
-
 @pytest.mark.parametrize("layout, vectorize", LAYOUTS)
 @pytest.mark.parametrize("what", ["scale", "mask", "scale+mask"])
 def test_user_scale_and_mask(layout, vectorize, what):
@@ -150,7 +143,7 @@ def test_user_scale_and_mask(layout, vectorize, what):
     )
     value, l = per_datum(iwae, model, guide, x)
     w = recorded_latents(record, layout, vectorize, K, B)
-    expected = hand_log_weights(w, x, scale, mask)
+    expected = conjugate_log_weights(CONJ, w, x, dist.Normal(*CONJ.posterior(x)), scale, mask)
     assert torch.allclose(l, expected, **TOL)
     assert torch.allclose(value, torch.logsumexp(expected, 0) - math.log(K), **TOL)
     if mask is not None:
@@ -206,7 +199,7 @@ def test_subsampled_weights_and_reductions(layout, vectorize, plate_kwargs):
     kw = dict(num_particles=K, vectorize_particles=vectorize, max_plate_nesting=1)
 
     objective = batchplate.RenyiELBO(alpha=0, **kw)
-    weights = objective.log_weights(model, guide, (x,), {})
+    weights = objective.weigh(model, guide, (x,), {})
     # Every particle of a datum sees the same minibatch (one subsample per step).
     idx = record[0]
     assert all(torch.equal(r, idx) for r in record), record
@@ -270,7 +263,7 @@ def test_layouts_agree_with_non_exact_guide():
         model = CONJ.model(layout)
         guide = CONJ.guide(layout, shift=0.6, widen=1.5)
         objective = batchplate.RenyiELBO(alpha=0, num_particles=K, vectorize_particles=vectorize)
-        weights = objective.log_weights(model, guide, (x.repeat(R),), {})
+        weights = objective.weigh(model, guide, (x.repeat(R),), {})
         for name, values in [
             ("iwae", iwae.per_datum(weights)[0]),
             ("elbo", elbo.per_datum(weights)[0]),
@@ -336,8 +329,7 @@ def test_stock_renyi_sequential_is_joint_and_looser():
     def hand_l(record):
         w = torch.stack(record).reshape(K, B)
         loc, r = CONJ.posterior(x)
-        joint = dist.Normal(CONJ.m, CONJ.s).log_prob(w) + dist.Normal(w, CONJ.t).log_prob(x)
-        return joint - dist.Normal(loc + shift, r * widen).log_prob(w)
+        return conjugate_log_weights(CONJ, w, x, dist.Normal(loc + shift, r * widen))
 
     stock = pyro.infer.RenyiELBO(alpha=0, num_particles=K)
     ours = batchplate.RenyiELBO(alpha=0, num_particles=K, reduction="sum")
@@ -375,7 +367,7 @@ def test_stock_renyi_sequential_is_joint_and_looser():
 
 
 # ---------------------------------------------------------------------------
-# The seed's geometric program (dynamic structure, sequential plate)
+# The geometric program of Pyro issue #2220 (dynamic structure, sequential plate)
 # ---------------------------------------------------------------------------
 
 
@@ -387,10 +379,9 @@ def test_geometric_iwae_approaches_exact_evidence():
     obs = torch.tensor([0.0, 1.0, 2.0, 3.0])
     K = 200
     exact = geometric_log_evidence(obs).double()
-    hit = 0.5 ** (obs.double() + 1)
-    se = 0.98 * torch.sqrt(hit * (1 - hit) / K) / exact.exp()
+    se = geometric_iwae_se(obs, K)
     iwae = batchplate.RenyiELBO(alpha=0, num_particles=K, vectorize_particles=False)
-    weights = iwae.log_weights(geometric_model, geometric_guide, (obs,), {})
+    weights = iwae.weigh(geometric_model, geometric_guide, (obs,), {})
     value = iwae.per_datum(weights)[0].double()
     assert torch.allclose(value, torch.logsumexp(weights.log_w.double(), 0) - math.log(K))
     z = (value - exact) / se

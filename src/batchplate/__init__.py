@@ -1,6 +1,6 @@
 """batchplate: correct minibatch training of probabilistic programs in Pyro.
 
-Mark the plate over your minibatch with :func:`batch_plate` and swap Pyro's
+Mark the plate over your minibatch with `batch_plate` and swap Pyro's
 objective for batchplate's: importance-weighted objectives then take the
 logsumexp over particles per datum, ELBO gradients have the per-datum scale,
 and guides that couple data points are caught.

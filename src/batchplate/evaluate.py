@@ -7,7 +7,8 @@ from collections.abc import Callable
 
 import torch
 
-from .weights import compute_log_weights, guess_max_plate_nesting, sample_traces, subsample_trace
+from .draw import draw_particles, plate_nesting, subsample_trace
+from .weights import compute_log_weights
 
 
 @torch.no_grad()
@@ -21,29 +22,29 @@ def log_evidence(
     max_plate_nesting: float = math.inf,
     **kwargs,
 ) -> torch.Tensor:
-    """Importance-sampling estimates of ``log p(x_b)`` for each datum, shape ``[B]``.
+    """Importance-sampling estimates of `log p(x_b)` for each datum, shape `[B]`.
 
-    ``log (1/K) sum_k exp l[k, b]`` with ``K = num_particles`` draws from the
-    guide: the IWAE bound at large ``K``, the usual test log-likelihood
-    estimate (Burda et al., 2016 use ``K = 5000``). Particles are drawn
-    ``chunk_size`` at a time and combined with a streaming logsumexp, so
-    memory stays that of ``chunk_size`` particles whatever ``K`` is.
+    `log (1/K) sum_k exp l[k, b]` with `K = num_particles` draws from the
+    guide: the IWAE bound at large `K`, the usual test log-likelihood
+    estimate (Burda et al., 2016 use `K = 5000`). Particles are drawn
+    `chunk_size` at a time and combined with a streaming logsumexp, so
+    memory stays that of `chunk_size` particles whatever `K` is.
 
     Programs whose control flow depends on sampled values need
-    ``vectorize_particles=False`` (then particles are traced one at a time).
+    `vectorize_particles=False` (then particles are traced one at a time).
     With a subsampled batch plate the estimates are for the subsampled data.
     """
     if num_particles < 1 or chunk_size < 1:
         raise ValueError("num_particles and chunk_size must be positive")
     chunk_size = min(chunk_size, num_particles)
-    if vectorize_particles and chunk_size > 1 and max_plate_nesting == math.inf:
-        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    if vectorize_particles and chunk_size > 1:
+        max_plate_nesting = plate_nesting(max_plate_nesting, model, guide, args, kwargs)
     total = None
     done = 0
     subsample = None  # every chunk weighs the first chunk's minibatch
     while done < num_particles:
         k = min(chunk_size, num_particles - done)
-        pairs = sample_traces(
+        particles = draw_particles(
             model,
             guide,
             args,
@@ -54,9 +55,9 @@ def log_evidence(
             subsample=subsample,
         )
         if done == 0:
-            pairs = list(pairs)  # at most chunk_size pairs
-            subsample = subsample_trace(pairs[0])
-        chunk = torch.logsumexp(compute_log_weights(pairs, k).log_w, dim=0)
+            particles.pairs = list(particles.pairs)  # at most chunk_size pairs
+            subsample = subsample_trace(particles.pairs[0])
+        chunk = torch.logsumexp(compute_log_weights(particles).log_w, dim=0)
         total = chunk if total is None else torch.logaddexp(total, chunk)
         done += k
     return total - math.log(num_particles)

@@ -6,10 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from pyro.infer.util import site_is_subsample
 
+from .draw import draw_particles, subsample_indices
 from .errors import BatchPlateError
-from .weights import compute_log_weights, sample_traces
+from .weights import compute_log_weights
 
 
 @dataclass
@@ -67,23 +67,23 @@ def _floating_inputs(args: tuple, kwargs: dict):
 def check_batch_independence(
     model: Callable, guide: Callable, *args, raise_error: bool = True, **kwargs
 ) -> IndependenceReport:
-    """Check with autograd that datum ``b``'s log weight depends only on datum ``b``'s inputs.
+    """Check with autograd that datum `b`'s log weight depends only on datum `b`'s inputs.
 
     Coupling invisible in the program's structure — batch normalization in
     training mode in an encoder, attention across the batch, a statistic of
     the whole minibatch — makes the per-datum objectives wrong. This draws one
-    particle, differentiates each datum's log weight ``l[0, b]`` with respect
+    particle, differentiates each datum's log weight `l[0, b]` with respect
     to every floating-point tensor argument whose leading dimension is the
-    minibatch size ``B`` (row ``b`` is datum ``b``) or the dataset size ``N``
-    (row ``subsample[b]`` is datum ``b``), and reports every datum whose
+    minibatch size `B` (row `b` is datum `b`) or the dataset size `N`
+    (row `subsample[b]` is datum `b`), and reports every datum whose
     weight has a non-zero derivative with respect to another datum's row.
 
-    It costs ``B`` backward passes: run it once, not in the training loop.
-    Modules are used in whatever mode they are in (``train()`` or ``eval()``).
+    It costs `B` backward passes: run it once, not in the training loop.
+    Modules are used in whatever mode they are in (`train()` or `eval()`).
 
-    :param raise_error: raise :class:`BatchPlateError` when data are coupled
+    :param raise_error: raise `BatchPlateError` when data are coupled
         (default); otherwise return the report.
-    :returns: an :class:`IndependenceReport`.
+    :returns: an `IndependenceReport`.
     """
     new_args, new_kwargs, inputs = _floating_inputs(args, kwargs)
     if not inputs:
@@ -91,24 +91,18 @@ def check_batch_independence(
             "check_batch_independence differentiates with respect to the data, so it needs "
             "the data as floating-point tensor arguments of model and guide."
         )
-    # sample_traces yields per-particle pairs lazily; keep the one pair for its subsample site.
-    pairs = list(
-        sample_traces(
-            model,
-            guide,
-            new_args,
-            new_kwargs,
-            num_particles=1,
-            vectorize_particles=False,
-            max_plate_nesting=float("inf"),
-        )
+    particles = draw_particles(
+        model,
+        guide,
+        new_args,
+        new_kwargs,
+        num_particles=1,
+        vectorize_particles=False,
+        max_plate_nesting=float("inf"),
     )
-    weights = compute_log_weights(pairs, 1)
+    weights = compute_log_weights(particles)
     batch = weights.batch
-    subsample_site = pairs[0][0].nodes.get(batch.name)
-    subsample = None
-    if subsample_site is not None and site_is_subsample(subsample_site):
-        subsample = subsample_site["value"]
+    subsample = subsample_indices(weights.pair[0], batch.name)
 
     def row_of(b: int, x: torch.Tensor) -> int | None:
         if x.shape[0] == batch.size:
@@ -130,20 +124,7 @@ def check_batch_independence(
             position[(id(x), row_of(b, x))] = b
 
     report = IndependenceReport(batch.size, [label for label, _ in checked])
-    leaves = [x for _, x in checked]
-    log_w = weights.log_w
-    for b in range(batch.size):
-        if not log_w[0, b].requires_grad:
-            continue
-        grads = torch.autograd.grad(log_w[0, b], leaves, retain_graph=True, allow_unused=True)
-        others = set()
-        for x, g in zip(leaves, grads, strict=True):
-            if g is None:
-                continue
-            rows = (g.reshape(g.shape[0], -1) != 0).any(1).nonzero().flatten().tolist()
-            others.update(position.get((id(x), r), r) for r in rows if r != row_of(b, x))
-        if others:
-            report.coupled[b] = sorted(others)
+    report.coupled = _coupled_data(weights.log_w[0], checked, row_of, position)
     if raise_error and not report.independent:
         raise BatchPlateError(
             f"Data of batch plate '{batch.name}' are coupled: a datum's log weight depends on "
@@ -153,3 +134,22 @@ def check_batch_independence(
             "Per-datum objectives assume each datum's weight depends on that datum only."
         )
     return report
+
+
+def _coupled_data(log_w: torch.Tensor, checked: list, row_of: Callable, position: dict) -> dict:
+    """datum -> the other data whose input rows have a non-zero derivative of its weight."""
+    coupled = {}
+    leaves = [x for _, x in checked]
+    for b in range(log_w.shape[0]):
+        if not log_w[b].requires_grad:
+            continue
+        grads = torch.autograd.grad(log_w[b], leaves, retain_graph=True, allow_unused=True)
+        others = set()
+        for x, g in zip(leaves, grads, strict=True):
+            if g is None:
+                continue
+            rows = (g.reshape(g.shape[0], -1) != 0).any(1).nonzero().flatten().tolist()
+            others.update(position.get((id(x), r), r) for r in rows if r != row_of(b, x))
+        if others:
+            coupled[b] = sorted(others)
+    return coupled

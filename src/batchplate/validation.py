@@ -1,9 +1,11 @@
-"""The structural rules of design.md, as clear errors.
+"""Check: every structural rule of a batch-plate program, in one pass over a trace pair.
 
-Each function here builds (or raises) a :class:`BatchPlateError` whose message
-names the site, the plate and, where it applies, the datum, and says how to
-fix the program. ``weights.py`` calls them while it walks the traces, so the
-rules cost nothing beyond that walk.
+The rules are those of the Contract page (docs/contract.md, "Structural
+rules"). Each violation raises a `BatchPlateError` whose message names the
+site, the plate and, where it applies, the datum, and says how to fix the
+program. Pyro's own checks (model/guide match, site shapes) follow ours when
+Pyro's validation is enabled, so a batch-plate mistake is reported as one and
+not as a bare shape mismatch.
 """
 
 from __future__ import annotations
@@ -11,14 +13,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+from pyro.infer.util import is_validation_enabled, site_is_subsample
+from pyro.util import check_model_guide_match, check_site_shape
 
 from .errors import BatchPlateError
-from .plate import BatchFrame
+from .plate import BatchFrame, BatchInfo, batch_frame
 
 if TYPE_CHECKING:
     from pyro.poutine import Trace
-
-    from .weights import BatchInfo
 
 GLOBAL_LATENT_HINT = (
     "Per-datum objectives need every sample site of model and guide inside the one "
@@ -28,41 +30,123 @@ GLOBAL_LATENT_HINT = (
     "pyro.infer.RenyiELBO), which treat the plate as part of the model."
 )
 
-
-def _plate_str(frame: BatchFrame) -> str:
-    kind = f"vectorized, dim={frame.dim}" if frame.vectorized else "sequential"
-    size = f"size={frame.full_size}" if frame.full_size is not None else f"size={frame.size}"
-    if frame.full_size is not None and frame.full_size != frame.size:
-        size += f", subsample_size={frame.size}"
-    return f"batch_plate('{frame.name}', {size}; {kind})"
+Located = tuple[BatchFrame, str, str]  # (frame, role, site name)
 
 
-def _find_batch_frame(trace: Trace) -> BatchFrame | None:
-    for site in trace.nodes.values():
-        if site["type"] == "sample":
-            for frame in site["cond_indep_stack"]:
-                if isinstance(frame, BatchFrame):
-                    return frame
-    return None
+def contributes(site: dict) -> bool:
+    """Subsample and deterministic sites carry no density and may live anywhere."""
+    return not (site_is_subsample(site) or site["infer"].get("_deterministic", False))
+
+
+def same_plate(a: BatchFrame, b: BatchFrame) -> bool:
+    """One batch plate, whatever datum (sequential counter) each frame is at."""
+    return (a.name, a.dim, a.size, a.full_size) == (b.name, b.dim, b.size, b.full_size)
+
+
+def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float) -> None:
+    """Raise on the first structural rule the scored (model, guide) pair breaks."""
+    first: Located | None = None
+    model_data: set[int] = set()
+    for role, trace in (("model", model_trace), ("guide", guide_trace)):
+        for name, site in trace.nodes.items():
+            if site["type"] != "sample" or not contributes(site):
+                continue
+            frame = _site_frame(site, role, model_trace)
+            if first is None:
+                first = (frame, role, name)
+            elif not same_plate(frame, first[0]):
+                raise plates_disagree_error(first, (frame, role, name))
+            if role == "guide":
+                _check_guide_site(site, frame, model_trace)
+            elif not frame.vectorized:
+                model_data.add(frame.datum)
+            if frame.vectorized and _spans_batch(site, frame):
+                raise event_over_batch_error(role, name, site, BatchInfo.of(frame))
+    if first is None:
+        raise BatchPlateError(
+            "The model and guide have no sample sites: there is nothing to weigh. "
+            "Put the model's observations inside a batch_plate."
+        )
+    batch = BatchInfo.of(first[0])
+    if not batch.vectorized:
+        check_sequential_coverage(batch, model_data, "model")
+    if is_validation_enabled():
+        _check_pyro_rules(model_trace, guide_trace, max_plate_nesting)
+
+
+def _check_pyro_rules(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float) -> None:
+    check_model_guide_match(model_trace, guide_trace, max_plate_nesting)
+    for trace in (model_trace, guide_trace):
+        for site in trace.nodes.values():
+            if site["type"] == "sample" and contributes(site):
+                check_site_shape(site, max_plate_nesting)
+
+
+def _site_frame(site: dict, role: str, model_trace: Trace) -> BatchFrame:
+    """Rules 1 and 4: a site lies in exactly one batch plate."""
+    frame = batch_frame(site)
+    if frame is None:
+        raise missing_batch_plate_error(site, role, model_trace)
+    for other in site["cond_indep_stack"]:
+        if isinstance(other, BatchFrame) and other.name != frame.name:
+            raise BatchPlateError(
+                f"{role} site '{site['name']}' lies in two batch plates, "
+                f"'{other.name}' and '{frame.name}'. A program has exactly one batch plate; "
+                "use pyro.plate for plates inside a datum."
+            )
+    return frame
+
+
+def _check_guide_site(site: dict, frame: BatchFrame, model_trace: Trace) -> None:
+    """Rules 2 and 3: a guide site sits in the model's batch plate, at the model's datum."""
+    model_site = model_trace.nodes.get(site["name"])
+    if model_site is None or model_site["type"] != "sample":
+        return
+    model_frame = batch_frame(model_site)
+    if model_frame is None:
+        return
+    name = site["name"]
+    if not same_plate(model_frame, frame):
+        raise plates_disagree_error((model_frame, "model", name), (frame, "guide", name))
+    if not frame.vectorized and model_frame.counter != frame.counter:
+        raise BatchPlateError(
+            f"guide site '{name}' is drawn at datum {frame.datum} of "
+            f"{BatchInfo.of(frame)}, but the model's site '{name}' is at datum "
+            f"{model_frame.datum}. A datum's latents must be drawn in that datum's "
+            "iteration of the batch plate, from that datum's input only."
+        )
+
+
+def _spans_batch(site: dict, frame: BatchFrame) -> bool:
+    """The site's density does not have one entry per datum: its event dims run over
+    the minibatch (`.to_event()` over the data, a multivariate density across it),
+    so every datum would carry the joint density of all of them."""
+    log_prob = site["log_prob"]
+    size = log_prob.shape[frame.dim] if log_prob.dim() >= -frame.dim else 1
+    if size != frame.size:
+        return True
+    event_dim = getattr(site["fn"], "event_dim", 0)
+    value = site["value"]
+    # pyro.factor's Unit value is empty: its log factor alone carries the shape.
+    return event_dim > 0 and value.numel() > 0 and value.dim() - event_dim < -frame.dim
 
 
 def missing_batch_plate_error(site: dict, role: str, model_trace: Trace) -> BatchPlateError:
     """Rules 1 and 2: a sample site outside the batch plate."""
     name = site["name"]
     model_site = model_trace.nodes.get(name) if role == "guide" else None
+    model_frame = None
     if model_site is not None and model_site["type"] == "sample":
-        model_frame = next(
-            (f for f in model_site["cond_indep_stack"] if isinstance(f, BatchFrame)), None
+        model_frame = batch_frame(model_site)
+    if model_frame is not None:
+        return BatchPlateError(
+            f"guide site '{name}' is outside the batch plate, but the model's site '{name}' "
+            f"is inside {BatchInfo.of(model_frame)}. A guide site outside the batch plate "
+            "draws one value for the whole minibatch and so couples the data points. "
+            f"Sample '{name}' inside batch_plate('{model_frame.name}', ...) in the guide too, "
+            "one value per datum."
         )
-        if model_frame is not None:
-            return BatchPlateError(
-                f"guide site '{name}' is outside the batch plate, but the model's site '{name}' "
-                f"is inside {_plate_str(model_frame)}. A guide site outside the batch plate "
-                "draws one value for the whole minibatch and so couples the data points. "
-                f"Sample '{name}' inside batch_plate('{model_frame.name}', ...) in the guide too, "
-                "one value per datum."
-            )
-    frame = _find_batch_frame(model_trace)
+    frame = next(filter(None, map(_sample_frame, model_trace.nodes.values())), None)
     if frame is None:
         return BatchPlateError(
             f"{role} site '{name}' is not inside a batch plate, and the model has none. "
@@ -70,18 +154,20 @@ def missing_batch_plate_error(site: dict, role: str, model_trace: Trace) -> Batc
             "in both model and guide. " + GLOBAL_LATENT_HINT
         )
     return BatchPlateError(
-        f"{role} site '{name}' is outside {_plate_str(frame)}. " + GLOBAL_LATENT_HINT
+        f"{role} site '{name}' is outside {BatchInfo.of(frame)}. " + GLOBAL_LATENT_HINT
     )
 
 
-def plates_disagree_error(
-    first: tuple[BatchFrame, str, str], other: tuple[BatchFrame, str, str]
-) -> BatchPlateError:
+def _sample_frame(site: dict) -> BatchFrame | None:
+    return batch_frame(site) if site["type"] == "sample" else None
+
+
+def plates_disagree_error(first: Located, other: Located) -> BatchPlateError:
     """Rules 3 and 4: two different batch plates in one (model, guide) pair."""
     (a, role_a, site_a), (b, role_b, site_b) = first, other
     where = (
-        f"{role_a} site '{site_a}' lies in {_plate_str(a)}, "
-        f"{role_b} site '{site_b}' in {_plate_str(b)}"
+        f"{role_a} site '{site_a}' lies in {BatchInfo.of(a)}, "
+        f"{role_b} site '{site_b}' in {BatchInfo.of(b)}"
     )
     if a.name != b.name and role_a == role_b:
         return BatchPlateError(
@@ -96,26 +182,9 @@ def plates_disagree_error(
     )
 
 
-def check_guide_datum(site: dict, frame: BatchFrame, model_trace: Trace) -> None:
-    """Rule 2 for sequential plates: a guide site must sit at the model's datum."""
-    model_site = model_trace.nodes.get(site["name"])
-    if model_site is None or model_site["type"] != "sample":
-        return
-    for model_frame in model_site["cond_indep_stack"]:
-        if isinstance(model_frame, BatchFrame):
-            if model_frame.counter != frame.counter:
-                raise BatchPlateError(
-                    f"guide site '{site['name']}' is drawn at datum {frame.datum} of "
-                    f"{_plate_str(frame)}, but the model's site '{site['name']}' is at datum "
-                    f"{model_frame.datum}. A datum's latents must be drawn in that datum's "
-                    "iteration of the batch plate, from that datum's input only."
-                )
-            return
-
-
-def check_sequential_coverage(batch: BatchInfo, per_datum: dict, role: str) -> None:
+def check_sequential_coverage(batch: BatchInfo, data: set[int], role: str) -> None:
     """Every datum of a sequential batch plate needs at least one model site."""
-    missing = [b for b in range(batch.size) if b not in per_datum]
+    missing = [b for b in range(batch.size) if b not in data]
     if missing:
         shown = missing if len(missing) <= 10 else missing[:10] + ["..."]
         raise BatchPlateError(
@@ -127,7 +196,7 @@ def check_sequential_coverage(batch: BatchInfo, per_datum: dict, role: str) -> N
 
 
 def dynamic_program_error(error: Exception) -> BatchPlateError:
-    """Rule 6: control flow on sampled values under vectorize_particles=True."""
+    """Rule 6: control flow on sampled values under `vectorize_particles=True`."""
     return BatchPlateError(
         "The program's control flow depends on sampled values (it failed with "
         f"'{error}' while all particles were traced at once), which "
@@ -137,48 +206,36 @@ def dynamic_program_error(error: Exception) -> BatchPlateError:
     )
 
 
-def _datum_index(subsample: torch.Tensor | None, b: int) -> str:
-    if subsample is None:
-        return ""
-    return f" (dataset index {int(subsample[b])})"
-
-
-def report_non_finite(
+def non_finite_error(
     log_w: torch.Tensor,
-    sites: list,
+    culprits: list[str],
     batch: BatchInfo,
     subsample: torch.Tensor | None,
-    vectorized_particles: bool,
+    first_particle: int = 0,
 ) -> BatchPlateError:
-    """Rule 5: name the datum, the particle and the sites with non-finite densities."""
+    """Rule 5: name the datum, the particle and the sites with non-finite densities.
+
+    `log_w` holds the particles from `first_particle` on; `culprits` describes the
+    sites with a non-finite log density at the first non-finite entry.
+    """
     bad = (~torch.isfinite(log_w)).nonzero()
     k, b = (int(i) for i in bad[0])
     data = sorted({int(i) for i in bad[:, 1]})
-    culprits = []
-    for s in sites:
-        if not vectorized_particles and s.trace_index != k:
-            continue
-        if s.datum is not None and s.datum != b:
-            continue
-        value = s.value[
-            min(k, s.value.shape[0] - 1) if vectorized_particles else 0, b if s.datum is None else 0
-        ]
-        if not bool(torch.isfinite(value)):
-            culprits.append(f"{s.role} '{s.name}' ({float(value)})")
     if culprits:
         cause = "sites with a non-finite log density there: " + ", ".join(culprits)
     else:
         cause = "each site is finite but log p - log q is not (both infinite)"
     shown = data if len(data) <= 10 else data[:10] + ["..."]
+    where = "" if subsample is None else f" (dataset index {int(subsample[b])})"
     return BatchPlateError(
-        f"Non-finite log weight l[k={k}, b={b}] = {float(log_w[k, b])} at datum {b}"
-        f"{_datum_index(subsample, b)} of batch plate '{batch.name}'; {cause}. "
+        f"Non-finite log weight l[k={first_particle + k}, b={b}] = {float(log_w[k, b])} at "
+        f"datum {b}{where} of batch plate '{batch.name}'; {cause}. "
         f"Data with non-finite weights: {shown}. Check the data at those indices, the support "
         "of the guide against the model's, and the guide's parameters."
     )
 
 
-def event_over_batch_error(role: str, name: str, site: dict, batch) -> BatchPlateError:
+def event_over_batch_error(role: str, name: str, site: dict, batch: BatchInfo) -> BatchPlateError:
     """Rule 1 in disguise: a density whose event dims run over the minibatch."""
     fn = site["fn"]
     return BatchPlateError(

@@ -1,4 +1,4 @@
-"""Objectives: thin reductions of the ``[K, B]`` per-datum log weights."""
+"""Objectives: thin reductions of the `[K, B]` per-datum log weights."""
 
 from .base import BatchObjective
 from .elbo import Trace_ELBO

@@ -1,11 +1,12 @@
 """What every batchplate objective shares: particles, traces, the batch reduction.
 
-An objective is a thin reduction of the ``[K, B]`` log weights. Subclasses
-implement :meth:`BatchObjective.per_datum`, returning the per-datum objective
-``L_b`` and a per-datum surrogate whose gradient is the estimator's; this base
-class averages (``reduction="mean"``) or sums with the ``N/B`` scale
-(``reduction="sum"``) over the batch, and exposes Pyro's interface (``loss``,
-``loss_and_grads``, ``differentiable_loss``, ``__call__`` for PyTorch loops).
+An objective is a thin reduction of the `[K, B]` log weights. Subclasses
+implement `BatchObjective.per_datum`, returning the per-datum objective
+`L_b` and a per-datum surrogate whose gradient is the estimator's; this base
+class averages (`reduction="mean"`) or sums with the `N/B` scale
+(`reduction="sum"`) over the batch, and exposes Pyro's interface (`loss`,
+`loss_and_grads`, `differentiable_loss`, `__call__` for PyTorch loops) and
+`local_losses` for wrappers such as `batchplate.distributed`.
 """
 
 from __future__ import annotations
@@ -13,42 +14,72 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from pyro.infer.elbo import ELBO
 from pyro.util import warn_if_nan
 
-from ..weights import (
-    BatchInfo,
-    LogWeights,
-    compute_log_weights,
-    guess_max_plate_nesting,
-    sample_traces,
-)
+from ..draw import draw_particles, plate_nesting
+from ..plate import BatchInfo
+from ..weights import LogWeights, compute_log_weights
 
 REDUCTIONS = ("mean", "sum")
+
+
+def leave_one_out_mean(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Mean over `dim` of the other entries (zero when there are none): a baseline
+    for entry `k` that does not depend on entry `k`."""
+    K = x.shape[dim]
+    if K < 2:
+        return torch.zeros_like(x)
+    return (x.sum(dim, keepdim=True) - x) / (K - 1)
+
+
+@dataclass(frozen=True)
+class Losses:
+    """One step's loss tensors of an objective on a (local) batch."""
+
+    names: tuple[str, ...]
+    """`("loss",)`, or `("wake_theta_loss", "phi_loss")` for reweighted wake-sleep."""
+    values: tuple[torch.Tensor, ...]
+    """Scalar tensors whose gradients are the estimator's. A skipped phase
+    (RWS's wake-theta with `model_has_params=False, insomnia=0`) is a NaN
+    tensor without gradient."""
+    batch: BatchInfo
+    """The batch plate of this step."""
+    skipped: tuple[str, ...] = ()
+    """Names of the losses that were not computed (their values are NaN)."""
+
+    def result(self) -> float | tuple[float, ...]:
+        """What `loss` and `loss_and_grads` return: a float, or a tuple of floats."""
+        floats = tuple(v.item() for v in self.values)
+        return floats[0] if len(floats) == 1 else floats
+
+    def total(self) -> torch.Tensor:
+        """The sum of the losses that were computed: one backward serves all of them."""
+        pairs = zip(self.names, self.values, strict=True)
+        computed = [value for name, value in pairs if name not in self.skipped]
+        return computed[0] if len(computed) == 1 else sum(computed)
 
 
 class BatchObjective(ELBO):
     """Base class of per-datum objectives; a drop-in for Pyro's ELBO classes.
 
-    :param num_particles: ``K``, particles per datum.
+    :param num_particles: `K`, particles per datum.
     :param max_plate_nesting: bound on the program's nested vectorized plates
         (the batch plate included, the particle plate not); guessed by running
         the program once when omitted.
     :param vectorize_particles: trace all particles at once in an outer plate
         (static program structure required).
-    :param reduction: ``"mean"`` (default) averages the per-datum objectives,
-        so plain SGD sees the per-datum gradient scale; ``"sum"`` returns
-        ``N/B`` times their sum, an unbiased estimate of the whole-dataset sum
+    :param reduction: `"mean"` (default) averages the per-datum objectives,
+        so plain SGD sees the per-datum gradient scale; `"sum"` returns
+        `N/B` times their sum, an unbiased estimate of the whole-dataset sum
         (Pyro's convention for subsampled plates).
 
-    Pyro's other ELBO keywords (``strict_enumeration_warning``,
-    ``ignore_jit_warnings``, ``jit_options``, ``retain_graph``) are accepted.
+    Pyro's other ELBO keywords (`strict_enumeration_warning`,
+    `ignore_jit_warnings`, `jit_options`, `retain_graph`) are accepted.
     """
-
-    #: Set by subclasses that need the ELBO's Rao-Blackwellized score term.
-    _needs_elbo_score = False
 
     def __init__(
         self,
@@ -85,55 +116,47 @@ class BatchObjective(ELBO):
             tail_adaptive_beta=tail_adaptive_beta,
         )
         # Pyro's ELBO adds the particle plate to max_plate_nesting; we keep the
-        # program's own nesting and let sample_traces place the particle plate.
+        # program's own nesting and let draw_particles place the particle plate.
         self.max_plate_nesting = max_plate_nesting
         self.reduction = reduction
 
-    # -- traces to weights -------------------------------------------------
+    # -- draw, check, reduce ---------------------------------------------------
 
-    def log_weights(
+    def weigh(
         self,
         model: Callable,
         guide: Callable,
         args: tuple,
         kwargs: dict,
         *,
+        num_particles: int | None = None,
+        sleep: bool = False,
         detach_guide: bool = False,
     ) -> LogWeights:
-        """Run model and guide for ``num_particles`` particles; return the ``[K, B]`` weights."""
-        pairs = self._draw(
-            model, guide, args, kwargs, self.num_particles, detach_guide=detach_guide
-        )
-        return compute_log_weights(pairs, self.num_particles, elbo_score=self._needs_elbo_score)
+        """Draw `num_particles` (default `K`) particles and reduce them to `[K, B]` weights.
 
-    def _draw(
-        self,
-        model: Callable,
-        guide: Callable,
-        args: tuple,
-        kwargs: dict,
-        num_particles: int,
-        *,
-        detach_guide: bool = False,
-        sleep: bool = False,
-    ) -> list:
-        vectorize = self.vectorize_particles and num_particles > 1
-        if vectorize and self.max_plate_nesting == math.inf:
-            self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-        return sample_traces(
+        `sleep` and `detach_guide` select reweighted wake-sleep's phases (see
+        `batchplate.draw.draw_particles`).
+        """
+        K = self.num_particles if num_particles is None else num_particles
+        vectorize = self.vectorize_particles and K > 1
+        if vectorize and self.max_plate_nesting == math.inf:  # guessed once per objective
+            self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
+        particles = draw_particles(
             model,
             guide,
             args,
             kwargs,
-            num_particles=num_particles,
+            num_particles=K,
             vectorize_particles=vectorize,
             max_plate_nesting=self.max_plate_nesting,
-            detach_guide=detach_guide,
             sleep=sleep,
+            detach_guide=detach_guide,
         )
+        return compute_log_weights(particles)
 
     def reduce(self, per_datum: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
-        """Mean over the batch, or ``N/B`` times the sum."""
+        """Mean over the batch, or `N/B` times the sum."""
         if self.reduction == "mean":
             return per_datum.mean(-1)
         return per_datum.sum(-1) * batch.subsample_scale
@@ -141,43 +164,44 @@ class BatchObjective(ELBO):
     # -- the objective ---------------------------------------------------------
 
     def per_datum(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(L_b, surrogate_b)``, both of shape ``[B]``.
+        """Return `(L_b, surrogate_b)`, both of shape `[B]`.
 
-        ``L_b`` is the per-datum objective (to be maximized); ``surrogate_b``
-        is any tensor whose gradient is the estimator of ``grad E[L_b]``.
+        `L_b` is the per-datum objective (to be maximized); `surrogate_b`
+        is any tensor whose gradient is the estimator of `grad E[L_b]`.
         """
         raise NotImplementedError
 
     # -- Pyro's interface ------------------------------------------------------
 
-    def differentiable_loss(
-        self, model: Callable, guide: Callable, *args, **kwargs
-    ) -> torch.Tensor:
-        """A scalar tensor: its value is the loss ``-L``, its gradient the estimator's."""
-        weights = self.log_weights(model, guide, args, kwargs)
+    def local_losses(self, model: Callable, guide: Callable, *args, **kwargs) -> Losses:
+        """This step's loss tensors and batch plate, for wrappers that combine batches."""
+        weights = self.weigh(model, guide, args, kwargs)
         value, surrogate = self.per_datum(weights)
         loss = -self.reduce(value, weights.batch).detach()
         surrogate_loss = -self.reduce(surrogate, weights.batch)
         if surrogate_loss.requires_grad:
             loss = loss + (surrogate_loss - surrogate_loss.detach())
         warn_if_nan(loss, "loss")
-        return loss
+        return Losses(("loss",), (loss,), weights.batch)
+
+    def differentiable_loss(
+        self, model: Callable, guide: Callable, *args, **kwargs
+    ) -> torch.Tensor:
+        """A scalar tensor: its value is the loss `-L`, its gradient the estimator's."""
+        return self.local_losses(model, guide, *args, **kwargs).total()
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """The loss ``-L`` as a float, without gradients."""
+        """The loss `-L` as a float (a tuple for several losses), without gradients."""
         with torch.no_grad():
-            weights = self.log_weights(model, guide, args, kwargs)
-            value, _ = self.per_datum(weights)
-            loss = -self.reduce(value, weights.batch).item()
-        warn_if_nan(loss, "loss")
-        return loss
+            return self.local_losses(model, guide, *args, **kwargs).result()
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """The loss as a float; accumulates the estimator's gradients into ``.grad``."""
-        loss = self.differentiable_loss(model, guide, *args, **kwargs)
-        if loss.requires_grad:
-            loss.backward(retain_graph=self.retain_graph)
-        return loss.item()
+        """The loss as a float; accumulates the estimator's gradients into `.grad`."""
+        losses = self.local_losses(model, guide, *args, **kwargs)
+        total = losses.total()
+        if total.requires_grad:
+            total.backward(retain_graph=self.retain_graph)
+        return losses.result()
 
     def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - ELBO's abstract hook
-        raise NotImplementedError("batchplate objectives draw particles through log_weights()")
+        raise NotImplementedError("batchplate objectives draw particles through weigh()")

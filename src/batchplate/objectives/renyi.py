@@ -11,31 +11,31 @@ from .base import BatchObjective
 
 
 class RenyiELBO(BatchObjective):
-    r"""Per-datum Rényi bound; IWAE at ``alpha=0``. A drop-in for :class:`pyro.infer.RenyiELBO`.
+    r"""Per-datum Rényi bound; IWAE at `alpha=0`. A drop-in for `pyro.infer.RenyiELBO`.
 
-    For each datum ``b``, with ``K`` particles drawn from ``q(. | x_b)``,
+    For each datum `b`, with `K` particles drawn from `q(. | x_b)`,
 
-    .. math:: L_b = \frac{1}{1-\alpha}
-        \log \frac{1}{K} \sum_k \exp\big((1-\alpha)\, l[k, b]\big),
+    $$ L_b = \frac{1}{1-\alpha}
+        \log \frac{1}{K} \sum_k \exp\big((1-\alpha)\, l[k, b]\big), $$
 
     the logsumexp over particles is taken **per datum**, then the batch is
-    averaged (``reduction="mean"``) or summed with the ``N/B`` scale
-    (``reduction="sum"``). Stock :class:`pyro.infer.RenyiELBO` keeps a
-    vectorized plate's dim but then *sums* the per-datum bounds (``B`` times
-    the mean, with ``B`` times larger gradients); with a sequential plate it
+    averaged (`reduction="mean"`) or summed with the `N/B` scale
+    (`reduction="sum"`). Stock `pyro.infer.RenyiELBO` keeps a
+    vectorized plate's dim but then *sums* the per-datum bounds (`B` times
+    the mean, with `B` times larger gradients); with a sequential plate it
     sums the batch into one joint weight before the logsumexp, which gives a
     looser, wrong bound.
 
-    Gradients: reparameterized sites by autodiff, which weighs particle ``k``
-    of datum ``b`` by ``softmax_k((1-alpha) l[k, b])``. Non-reparameterized
+    Gradients: reparameterized sites by autodiff, which weighs particle `k`
+    of datum `b` by `softmax_k((1-alpha) l[k, b])`. Non-reparameterized
     guide sites get the per-datum score-function term
-    ``L_b * sum_k grad log q(z_b^k)``, which makes the estimator unbiased at
+    `L_b * sum_k grad log q(z_b^k)`, which makes the estimator unbiased at
     every alpha (stock Pyro 1.9 gives these sites exactly zero gradient at
-    ``alpha=0``). For discrete guides prefer :class:`~batchplate.VIMCO`, whose
+    `alpha=0`). For discrete guides prefer `batchplate.VIMCO`, whose
     baseline has lower variance.
 
-    :param alpha: order of the divergence, ``alpha != 1`` (``0`` gives IWAE).
-    :param num_particles: ``K`` (default 2).
+    :param alpha: order of the divergence, `alpha != 1` (`0` gives IWAE).
+    :param num_particles: `K` (default 2).
 
     References: Li & Turner (2016), *Rényi divergence variational inference*;
     Burda, Grosse & Salakhutdinov (2016), *Importance weighted autoencoders*.

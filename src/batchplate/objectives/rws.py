@@ -8,32 +8,32 @@ from collections.abc import Callable
 import torch
 from pyro.util import warn_if_nan
 
-from ..weights import compute_log_weights
-from .base import BatchObjective
+from ..weights import LogWeights
+from .base import BatchObjective, Losses
 
 
 class ReweightedWakeSleep(BatchObjective):
     r"""Reweighted wake-sleep with per-datum importance weights; a drop-in for
-    :class:`pyro.infer.ReweightedWakeSleep` that supports minibatches.
+    `pyro.infer.ReweightedWakeSleep` that supports minibatches.
 
-    With ``l[k, b]`` the per-datum log weights of ``K`` guide particles (guide
-    samples detached) and ``w~[k, b] = softmax_k l[k, b]`` normalized **per
+    With `l[k, b]` the per-datum log weights of `K` guide particles (guide
+    samples detached) and `w~[k, b] = softmax_k l[k, b]` normalized **per
     datum**:
 
     - wake-theta loss (model parameters):
-      ``-(1/B) sum_b log (1/K) sum_k exp l[k, b]``, guide terms detached;
+      `-(1/B) sum_b log (1/K) sum_k exp l[k, b]`, guide terms detached;
     - wake-phi loss (guide parameters):
-      ``-(1/B) sum_b sum_k w~[k, b] log q(z_b^k | x_b)``, weights detached;
+      `-(1/B) sum_b sum_k w~[k, b] log q(z_b^k | x_b)`, weights detached;
     - sleep-phi loss (guide parameters): the model is run unconditioned,
-      producing one fantasy ``(z, x) ~ p`` per datum slot of the batch plate
-      and sleep particle; loss ``-mean log q(z | x)``. The guide receives the
-      fantasy observations through its ``observations=`` keyword (Pyro's
+      producing one fantasy `(z, x) ~ p` per datum slot of the batch plate
+      and sleep particle; loss `-mean log q(z | x)`. The guide receives the
+      fantasy observations through its `observations=` keyword (Pyro's
       convention), so amortized guides work;
-    - phi loss: ``insomnia * wake_phi + (1 - insomnia) * sleep_phi``.
+    - phi loss: `insomnia * wake_phi + (1 - insomnia) * sleep_phi`.
 
-    ``loss`` and ``loss_and_grads`` return ``(wake_theta_loss, phi_loss)``,
-    as Pyro's does, and work under :class:`pyro.infer.SVI`. With
-    ``reduction="sum"`` the batch means become ``N/B`` times batch sums.
+    `loss` and `loss_and_grads` return `(wake_theta_loss, phi_loss)`,
+    as Pyro's does, and work under `pyro.infer.SVI`. With
+    `reduction="sum"` the batch means become `N/B` times batch sums.
     Stock Pyro sums every site over the batch before normalizing, so its
     wake-theta loss is B times the per-datum value and its wake-phi weights
     are normalized over the joint batch.
@@ -41,12 +41,12 @@ class ReweightedWakeSleep(BatchObjective):
     No score-function estimator is needed for discrete latents, which makes
     RWS the method of choice for models with stochastic control flow.
 
-    :param num_particles: ``K >= 2`` guide particles per datum.
-    :param insomnia: mixing of wake-phi (1) and sleep-phi (0), in ``[0, 1]``.
-    :param model_has_params: when ``False`` and ``insomnia == 0``, the wake
+    :param num_particles: `K >= 2` guide particles per datum.
+    :param insomnia: mixing of wake-phi (1) and sleep-phi (0), in `[0, 1]`.
+    :param model_has_params: when `False` and `insomnia == 0`, the wake
         phase is skipped (Pyro's shortcut; the wake-theta loss is then NaN).
-    :param num_sleep_particles: fantasies per datum slot (default ``K``).
-    :param vectorize_particles: vectorize particles (default ``True``, as Pyro).
+    :param num_sleep_particles: fantasies per datum slot (default `K`).
+    :param vectorize_particles: vectorize particles (default `True`, as Pyro).
 
     References: Bornschein & Bengio (2015), *Reweighted wake-sleep*, ICLR;
     Le, Kosiorek, Siddharth, Teh & Wood (2019), *Revisiting reweighted
@@ -81,68 +81,58 @@ class ReweightedWakeSleep(BatchObjective):
     def losses(
         self, model: Callable, guide: Callable, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(wake_theta_loss, phi_loss)`` as tensors with their gradient graphs.
+        """`(wake_theta_loss, phi_loss)` as tensors with their gradient graphs.
 
         The wake-theta loss is NaN when the wake phase is skipped
-        (``model_has_params=False`` and ``insomnia=0``).
+        (`model_has_params=False` and `insomnia=0`).
         """
-        wake_theta, phi = self._losses(model, guide, args, kwargs)
-        return (torch.tensor(math.nan) if wake_theta is None else wake_theta), phi
+        return self.local_losses(model, guide, *args, **kwargs).values
 
-    def _losses(self, model, guide, args, kwargs):
+    def local_losses(self, model: Callable, guide: Callable, *args, **kwargs) -> Losses:
+        """`wake_theta_loss` and `phi_loss` of this step, with the batch plate.
+
+        The wake-theta loss only reaches model parameters and the phi loss only
+        guide parameters, so one backward pass of their sum serves both.
+        """
         wake_theta = wake_phi = sleep_phi = None
         if self.model_has_params or self.insomnia > 0:
-            weights = self.log_weights(model, guide, args, kwargs, detach_guide=True)
-            log_w = weights.log_p - weights.log_q.detach()
-            K = weights.num_particles
-            wake_theta = -self.reduce(torch.logsumexp(log_w, 0) - math.log(K), weights.batch)
-            warn_if_nan(wake_theta, "wake theta loss")
-            if self.insomnia > 0:
-                normalized = torch.softmax(log_w.detach(), dim=0)
-                wake_phi = -self.reduce((normalized * weights.log_q).sum(0), weights.batch)
-                warn_if_nan(wake_phi, "wake phi loss")
+            weights = self.weigh(model, guide, args, kwargs, detach_guide=True)
+            wake_theta, wake_phi = self._wake(weights)
+            batch = weights.batch
         if self.insomnia < 1:
-            sleep_phi = self._sleep_phi(model, guide, args, kwargs)
+            S = self.num_sleep_particles
+            weights = self.weigh(model, guide, args, kwargs, num_particles=S, sleep=True)
+            sleep_phi = -self.reduce(weights.log_q.mean(0), weights.batch)
             warn_if_nan(sleep_phi, "sleep phi loss")
+            batch = weights.batch
         if sleep_phi is None:
             phi = wake_phi
         elif wake_phi is None:
             phi = sleep_phi
         else:
             phi = self.insomnia * wake_phi + (1.0 - self.insomnia) * sleep_phi
-        return wake_theta, phi
+        names = ("wake_theta_loss", "phi_loss")
+        if wake_theta is None:
+            return Losses(names, (phi.new_tensor(math.nan), phi), batch, skipped=names[:1])
+        return Losses(names, (wake_theta, phi), batch)
 
-    def _sleep_phi(self, model: Callable, guide: Callable, args: tuple, kwargs: dict):
-        S = self.num_sleep_particles
-        pairs = self._draw(model, guide, args, kwargs, S, sleep=True)
-        weights = compute_log_weights(pairs, S)
-        return -self.reduce(weights.log_q.mean(0), weights.batch)
-
-    def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> tuple[float, float]:
-        """``(wake_theta_loss, phi_loss)`` as floats, without gradients."""
-        with torch.no_grad():
-            wake_theta, phi = self.losses(model, guide, *args, **kwargs)
-        return wake_theta.item(), phi.item()
-
-    def loss_and_grads(
-        self, model: Callable, guide: Callable, *args, **kwargs
-    ) -> tuple[float, float]:
-        """``(wake_theta_loss, phi_loss)``; accumulates both gradients into ``.grad``.
-
-        The wake-theta loss only reaches model parameters and the phi loss only
-        guide parameters, so one backward pass of their sum serves both.
-        """
-        wake_theta, phi = self._losses(model, guide, args, kwargs)
-        total = phi if wake_theta is None else wake_theta + phi
-        if total.requires_grad:
-            total.backward(retain_graph=self.retain_graph)
-        return (math.nan if wake_theta is None else wake_theta.item()), phi.item()
+    def _wake(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Wake-theta and (with `insomnia > 0`) wake-phi losses of guide particles."""
+        log_w = weights.log_p - weights.log_q.detach()
+        K = weights.num_particles
+        wake_theta = -self.reduce(torch.logsumexp(log_w, 0) - math.log(K), weights.batch)
+        warn_if_nan(wake_theta, "wake theta loss")
+        if self.insomnia == 0:
+            return wake_theta, None
+        normalized = torch.softmax(log_w.detach(), dim=0)
+        wake_phi = -self.reduce((normalized * weights.log_q).sum(0), weights.batch)
+        warn_if_nan(wake_phi, "wake phi loss")
+        return wake_theta, wake_phi
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
-        """``wake_theta_loss + phi_loss`` as one tensor, for plain PyTorch loops.
+        """`wake_theta_loss + phi_loss` as one tensor, for plain PyTorch loops.
 
         Its gradient is the wake-theta gradient for model parameters and the phi
-        gradient for guide parameters. Use :meth:`losses` for the two values.
+        gradient for guide parameters. Use `losses` for the two values.
         """
-        wake_theta, phi = self._losses(model, guide, args, kwargs)
-        return phi if wake_theta is None else wake_theta + phi
+        return self.local_losses(model, guide, *args, **kwargs).total()

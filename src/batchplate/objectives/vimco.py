@@ -7,14 +7,14 @@ import math
 import torch
 
 from ..weights import LogWeights
-from .base import BatchObjective
+from .base import BatchObjective, leave_one_out_mean
 
 
 def leave_one_out_bounds(log_w: torch.Tensor) -> torch.Tensor:
-    """``L^{-k}[k, b]``: the IWAE value of datum ``b`` with ``l[k, b]`` replaced by
+    """`L^{-k}[k, b]`: the IWAE value of datum `b` with `l[k, b]` replaced by
     the mean of the other particles' log weights (Mnih & Rezende, 2016, eq. 10)."""
     K = log_w.shape[0]
-    others_mean = (log_w.sum(0, keepdim=True) - log_w) / (K - 1)  # [K, B]
+    others_mean = leave_one_out_mean(log_w, dim=0)  # [K, B]
     eye = torch.eye(K, dtype=torch.bool, device=log_w.device).unsqueeze(-1)  # [K, K, 1]
     # replaced[k, j, b] = l[j, b] for j != k, others_mean[k, b] for j == k
     replaced = torch.where(eye, others_mean.unsqueeze(1), log_w.unsqueeze(0))
@@ -25,13 +25,13 @@ class VIMCO(BatchObjective):
     r"""Variational inference for Monte Carlo objectives, per datum.
 
     The objective is the per-datum IWAE bound
-    :math:`L_b = \log \frac{1}{K} \sum_k \exp l[k, b]`. Its gradient for
-    non-reparameterized guide sites uses, for particle ``k`` of datum ``b``,
-    the learning signal ``L_b - L_b^{-k}``, where ``L_b^{-k}`` replaces
-    ``l[k, b]`` by the mean of the other particles' log weights: a baseline
-    that does not depend on ``z_b^k``, so the estimator stays unbiased with
-    much lower variance than :class:`~batchplate.RenyiELBO`'s. Reparameterized
-    sites are differentiated directly. Needs ``num_particles >= 2``.
+    $L_b = \log \frac{1}{K} \sum_k \exp l[k, b]$. Its gradient for
+    non-reparameterized guide sites uses, for particle `k` of datum `b`,
+    the learning signal `L_b - L_b^{-k}`, where `L_b^{-k}` replaces
+    `l[k, b]` by the mean of the other particles' log weights: a baseline
+    that does not depend on `z_b^k`, so the estimator stays unbiased with
+    much lower variance than `batchplate.RenyiELBO`'s. Reparameterized
+    sites are differentiated directly. Needs `num_particles >= 2`.
 
     Reference: Mnih & Rezende (2016), *Variational inference for Monte Carlo
     objectives*, ICML.

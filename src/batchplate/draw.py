@@ -1,0 +1,213 @@
+"""Draw: run guide and model for `K` particles and score their traces.
+
+The first stage of every objective (draw, check, reduce). It knows how
+particles are laid out (one vectorized trace pair, or one pair per particle),
+how the sleep phase of reweighted wake-sleep runs the model first, and how
+all particles of a step share one minibatch. It does not know the structural
+rules (`validation`) nor how traces become `[K, B]` weights (`weights`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.util import site_is_subsample
+from pyro.poutine import Trace
+
+from .errors import BatchPlateError
+from .validation import check_pair, contributes, dynamic_program_error
+
+#: Name of the outermost plate that vectorizes particles (Pyro's own name).
+PARTICLE_PLATE = "num_particles_vectorized"
+
+Pair = tuple[Trace, Trace]  # (model trace, guide trace)
+
+# Messages of torch errors raised by control flow on a batched tensor.
+_DYNAMIC_MESSAGES = (
+    "Boolean value of Tensor with more than one value is ambiguous",
+    "only one element tensors can be converted to Python scalars",
+    "a Tensor with",  # "a Tensor with N elements cannot be converted to Scalar"
+)
+
+
+@dataclass
+class Particles:
+    """The scored trace pairs of one draw, and how they are laid out.
+
+    `vectorized`: a single pair holds all `num_particles` particles in the
+    particle plate (or `num_particles == 1`); otherwise `pairs` yields one
+    pair per particle, lazily, so the reduction drops each pair once reduced.
+    """
+
+    pairs: Iterable[Pair]
+    num_particles: int
+    vectorized: bool
+
+
+def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
+    """Run guide and model once, without particles, and count vectorized plate dims."""
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs
+        )
+    dims = [
+        frame.dim
+        for trace in (model_trace, guide_trace)
+        for site in trace.nodes.values()
+        if site["type"] == "sample"
+        for frame in site["cond_indep_stack"]
+        if frame.vectorized
+    ]
+    return -min(dims) if dims else 0
+
+
+def plate_nesting(
+    max_plate_nesting: float, model: Callable, guide: Callable, args: tuple, kwargs: dict
+) -> float:
+    """`max_plate_nesting`, guessed by running the program once when it is unbounded."""
+    if max_plate_nesting == math.inf:
+        return guess_max_plate_nesting(model, guide, args, kwargs)
+    return max_plate_nesting
+
+
+def subsample_trace(pair: Pair) -> Trace | None:
+    """The subsample sites (minibatch indices of subsampled plates) of a drawn pair."""
+    fixed = Trace()
+    for trace in pair:
+        for name, site in trace.nodes.items():
+            if site["type"] == "sample" and site_is_subsample(site) and name not in fixed.nodes:
+                fixed.add_node(name, **site)
+    return fixed if fixed.nodes else None
+
+
+def subsample_indices(trace: Trace, plate_name: str) -> torch.Tensor | None:
+    """The dataset indices a subsampled plate drew in `trace`, or `None`."""
+    site = trace.nodes.get(plate_name)
+    if site is not None and site_is_subsample(site):
+        return site["value"]
+    return None
+
+
+def _scored(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float) -> Pair:
+    # Subsample sites stay in the traces: their indices name data in error messages.
+    model_trace.compute_log_prob(_has_density)
+    guide_trace.compute_log_prob(_has_density)
+    check_pair(model_trace, guide_trace, max_plate_nesting)
+    return model_trace, guide_trace
+
+
+def _has_density(name: str, site: dict) -> bool:
+    return contributes(site)
+
+
+def wake_pair(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    max_plate_nesting: float,
+    detach_guide: bool = False,
+) -> Pair:
+    """Draw `z ~ q(. | x)` from the guide, replay the model on it, score and check both.
+
+    `detach_guide` cuts the model's dependence on the guide's parameters
+    through the drawn values (reweighted wake-sleep's wake phase).
+    """
+    guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    if detach_guide:
+        guide_trace.detach_()
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
+    return _scored(model_trace, guide_trace, max_plate_nesting)
+
+
+def sleep_pair(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, max_plate_nesting: float
+) -> Pair:
+    """Fantasize `(z, x) ~ p` for every datum slot, then score the guide on them.
+
+    As in Pyro's RWS, the guide gets the fantasy observations through the
+    `observations=` keyword, so amortized guides condition on them.
+    """
+    model_trace = poutine.trace(poutine.uncondition(model)).get_trace(*args, **kwargs)
+    model_trace.detach_()
+    observations = {}
+    for name, site in model_trace.nodes.items():
+        if site["type"] == "sample" and site["infer"].get("was_observed"):
+            site["is_observed"] = True
+            observations[name] = site["value"]
+    guide_kwargs = dict(kwargs, observations=observations)
+    guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(
+        *args, **guide_kwargs
+    )
+    return _scored(model_trace, guide_trace, max_plate_nesting)
+
+
+def draw_particles(
+    model: Callable,
+    guide: Callable,
+    args: tuple,
+    kwargs: dict,
+    *,
+    num_particles: int,
+    vectorize_particles: bool,
+    max_plate_nesting: float,
+    sleep: bool = False,
+    detach_guide: bool = False,
+    subsample: Trace | None = None,
+) -> Particles:
+    """Draw `K` particles: one vectorized (model, guide) pair, or `K` pairs.
+
+    `max_plate_nesting` counts the program's own vectorized plates (guessed
+    when unbounded and particles are vectorized); the particle plate goes one
+    dim further left. With `sleep=True` the model runs first, unconditioned,
+    and the guide is scored on its fantasies; otherwise `detach_guide`
+    detaches the guide's draws (see `wake_pair`).
+
+    All particles of a datum must weigh the same datum, so they share one
+    minibatch: `subsample` (from `subsample_trace`) fixes the plates'
+    subsample indices; when it is `None`, per-particle pairs reuse the first
+    particle's.
+    """
+    pair = sleep_pair if sleep else functools.partial(wake_pair, detach_guide=detach_guide)
+    fixed = subsample is not None
+    if fixed:
+        model, guide = _replay_subsample(model, guide, subsample)
+    if not (vectorize_particles and num_particles > 1):
+        call = (model, guide, args, kwargs, max_plate_nesting)
+        pairs = _per_particle(pair, call, num_particles, fixed)
+        return Particles(pairs, num_particles, vectorized=num_particles == 1)
+    nesting = plate_nesting(max_plate_nesting, model, guide, args, kwargs) + 1
+    plate = pyro.plate(PARTICLE_PLATE, num_particles, dim=-nesting)
+    try:
+        drawn = pair(plate(model), plate(guide), args, kwargs, nesting)
+    except (RuntimeError, TypeError, ValueError) as e:
+        if isinstance(e, BatchPlateError) or not any(m in str(e) for m in _DYNAMIC_MESSAGES):
+            raise
+        raise dynamic_program_error(e) from e
+    return Particles([drawn], num_particles, vectorized=True)
+
+
+def _replay_subsample(model: Callable, guide: Callable, subsample: Trace):
+    return poutine.replay(model, trace=subsample), poutine.replay(guide, trace=subsample)
+
+
+def _per_particle(pair: Callable, call: tuple, num_particles: int, fixed: bool) -> Iterator[Pair]:
+    """One pair per particle; unless the minibatch is `fixed`, particles after
+    the first reuse its minibatch (otherwise each would draw its own, and
+    column `b` would mix data)."""
+    model, guide, args, kwargs, nesting = call
+    first = pair(model, guide, args, kwargs, nesting)
+    subsample = None if fixed else subsample_trace(first)
+    yield first
+    del first
+    if subsample is not None:
+        model, guide = _replay_subsample(model, guide, subsample)
+    for _ in range(num_particles - 1):
+        yield pair(model, guide, args, kwargs, nesting)
