@@ -96,12 +96,17 @@ TAG = re.compile(r"<[^>]+>")
 
 def test_no_raw_sphinx_markup_on_any_page(site):
     """Docstrings are Markdown with ``:param:``/``:returns:`` fields: no role, no
-    directive, no paragraph ending in ``::`` reaches a page (code blocks aside)."""
+    directive, no paragraph ending in ``::``, no stray double backticks reach a page
+    (code blocks aside)."""
     problems = []
     for name, html in _pages(site).items():
         text = PRE.sub("", html)
         problems += [f"{name}: role {m.group(0)!r}" for m in RST_ROLE.finditer(text)]
         problems += [f"{name}: directive {m.group(0)!r}" for m in RST_DIRECTIVE.finditer(text)]
+        # Backticks left in the text: a ``literal`` or a broken code fence.
+        for line in TAG.sub("", CODE.sub("", text)).splitlines():
+            if "``" in line:
+                problems.append(f"{name}: raw backticks: {line.strip()!r}")
         for paragraph in PARAGRAPH.findall(text):
             for line in TAG.sub("", paragraph).splitlines():
                 if line.rstrip().endswith("::"):
