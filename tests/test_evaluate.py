@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from batchplate import batch_plate, log_evidence, log_weights
+from oracles import importance_se
 from programs import Conjugate
 
 CONJ = Conjugate()
@@ -96,9 +97,7 @@ def test_shifted_guide_converges_within_monte_carlo_error():
     model, guide = CONJ.model("vectorized"), CONJ.guide("vectorized", shift=0.7, widen=1.6)
     estimate = log_evidence(model, guide, x, num_particles=K, chunk_size=500).double()
 
-    l = log_weights(model, guide, x, num_particles=K, vectorize_particles=True).double()
-    w = (l - l.max(0).values).exp()
-    se = w.std(0) / (math.sqrt(K) * w.mean(0))
+    se = importance_se(log_weights(model, guide, x, num_particles=K, vectorize_particles=True))
     assert (se < 0.02).all()
     z = (estimate - exact) / se
     assert (z.abs() <= 4).all(), (estimate, exact, se)

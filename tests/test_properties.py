@@ -1,5 +1,7 @@
 """Property tests: every way of writing the Conjugate program gives the same ``l``.
 
+The ``[K, B]`` definition is on the Contract page (docs/contract.md).
+
 Layouts: vectorized or sequential batch plate, vectorized particles or one trace
 per particle, an inner plate of ``n`` observations per datum; batch sizes 1..6
 and 1..5 particles.
@@ -22,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchplate import batch_plate, log_weights
+from oracles import conjugate_log_weights
 from programs import Conjugate
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True)
@@ -113,14 +116,7 @@ def test_same_latents_give_the_same_weights_in_every_layout(n, B, K, shift, wide
     W = loc + shift + r * widen * torch.randn(K, B, generator=g)
 
     # l by hand: log N(w; m, s) + sum_j log N(x_bj; w, t) - log q(w | x_b).
-    obs = x if n == 1 else x.T.unsqueeze(-1)  # [B] or [n, B, 1] against W [K, B]
-    log_lik = dist.Normal(W if n == 1 else W.T, conj.t).log_prob(obs)
-    log_lik = log_lik if n == 1 else log_lik.sum(0).T
-    expected = (
-        dist.Normal(conj.m, conj.s).log_prob(W)
-        + log_lik
-        - dist.Normal(loc + shift, r * widen).log_prob(W)
-    )
+    expected = conjugate_log_weights(conj, W, x, dist.Normal(loc + shift, r * widen))
 
     results = {}
     for layout, vectorize in LAYOUTS:

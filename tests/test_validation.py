@@ -1,4 +1,4 @@
-"""The structural rules of design.md raise clear :class:`BatchPlateError` s.
+"""The structural rules (Contract page, docs/contract.md) raise clear :class:`BatchPlateError` s.
 
 One test per rule (and per way of breaking it): the error is a
 ``BatchPlateError`` (hence a ``ValueError``) whose message names the site, the
