@@ -7,6 +7,8 @@
 - no page of the built site shows raw Sphinx/reST markup (roles, directives,
   ``::`` before a code block), math is emitted in arithmatex's form, and the
   KaTeX that typesets it is a local file of the site, never a CDN;
+- public docstrings put their prose before their ``:param:`` fields (the API
+  page's parser gives whatever follows the fields to the last one);
 - docs, README and tools cite the Contract page (docs/contract.md) and Pyro
   issue #2220, not internal notes;
 - the code of the migration guide and of the home page runs, in order;
@@ -16,6 +18,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -192,3 +195,35 @@ def test_troubleshooting_messages_are_the_real_ones():
         assert _normalized(shown) == _normalized(actual), body
         checked += 1
     assert checked >= 12
+
+
+FIELDS = (":param", ":returns", ":return:", ":raises", ":type", ":rtype", ":yields")
+
+
+def _public_docstrings():
+    for name in batchplate.__all__:
+        obj = getattr(batchplate, name)
+        yield name, inspect.getdoc(obj)
+        if inspect.isclass(obj):
+            for attr, member in vars(obj).items():
+                if attr.startswith("_") and attr != "__init__":
+                    continue
+                function = member.fget if isinstance(member, property) else member
+                if callable(function):
+                    yield f"{name}.{attr}", inspect.getdoc(function)
+
+
+def test_docstring_prose_comes_before_the_fields():
+    """The Sphinx-style parser of the API page gives every line after a `:param:`
+    field to the fields: prose placed after them shows up inside the last
+    parameter's description."""
+    late = []
+    for name, doc in _public_docstrings():
+        in_fields = False
+        for line in (doc or "").splitlines():
+            if line.startswith(FIELDS):
+                in_fields = True
+            elif in_fields and line.strip() and not line.startswith((" ", ":")):
+                late.append(f"{name}: {line.strip()}")
+                break
+    assert not late, "\n".join(late)

@@ -102,6 +102,10 @@ class Lanes:
         lanes.finish(x == 1)
     ```
 
+    Attributes: `shape` (lane shape, see `lane_shape`), `active`
+    (bool tensor of running lanes), `t` (current step), `steps` (long
+    tensor: steps each lane has run so far, its trace length).
+
     :param name: prefix of the loop's sample sites: `f"{name}_{t}"` for the
         main site of step `t`, `f"{name}_{site}_{t}"` for others.
     :param max_steps: bound on the number of steps. Reaching it with lanes
@@ -113,10 +117,6 @@ class Lanes:
     :param active: initial running lanes (a bool tensor broadcastable to the
         lane shape); all lanes by default.
     :param device: device of the lane tensors (default: that of `active`, or CPU).
-
-    Attributes: `shape` (lane shape, see `lane_shape`), `active`
-    (bool tensor of running lanes), `t` (current step), `steps` (long
-    tensor: steps each lane has run so far, its trace length).
     """
 
     def __init__(
