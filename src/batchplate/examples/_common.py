@@ -1,14 +1,19 @@
-"""What the examples share: their objectives by the names ``batchplate run`` accepts,
-and the progress bar, output folder and plot saving around each training run."""
+"""What the examples share: their objectives by the names `batchplate run` accepts,
+the optimizer with a decaying learning rate, and the progress bar, output folder
+and plot saving around each training run."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import pyro
 
 import batchplate
 
-#: ``rws`` is wake-wake (insomnia 1), ``ws`` wake-sleep (insomnia 0).
+#: `rws` is wake-wake (insomnia 1), `ws` wake-sleep (insomnia 0).
 ALL = ("elbo", "iwae", "vimco", "rws", "ws")
 
 
@@ -20,13 +25,13 @@ def make_objective(
     max_plate_nesting: int = 1,
     allowed: Sequence[str] = ALL,
 ) -> batchplate.BatchObjective:
-    """The batchplate objective called ``name`` with ``K = num_particles``.
+    """The batchplate objective called `name` with `K = num_particles`.
 
     The examples' only vectorized plate is the batch plate, hence
-    ``max_plate_nesting=1``; ``allowed`` is the example's own list, named in the error.
+    `max_plate_nesting=1`; `allowed` is the example's own list, named in the error.
     """
     if name not in allowed:
-        raise ValueError(f"unknown objective {name!r}; choose one of {tuple(allowed)}")
+        raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(allowed)}")
     kw = {
         "num_particles": num_particles,
         "vectorize_particles": vectorize_particles,
@@ -45,25 +50,26 @@ def make_objective(
 
 
 def check_choice(kind: str, value: str, choices: Sequence[str]) -> None:
-    """``ValueError`` naming the choices when ``value`` is not one of them."""
+    """`ValueError` naming the choices when `value` is not one of them."""
     if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; choose one of {tuple(choices)}")
+        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(choices)}")
 
 
 def output_dir(out_dir: str | Path) -> Path:
+    """`out_dir` as a `Path`, created if missing."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-def progress_bar(total: int, desc: str, progress: bool, **kwargs):
-    """A tqdm bar, silent when ``progress`` is false (tests, sweeps)."""
+def progress_bar(total: int, desc: str, progress: bool, **kwargs: Any) -> Any:
+    """A tqdm bar, silent when `progress` is false (tests, sweeps)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not progress, mininterval=0.5, **kwargs)
 
 
-def pyplot():
+def pyplot() -> Any:
     """matplotlib's pyplot on the file-only Agg backend (no screen needed)."""
     import matplotlib
 
@@ -73,11 +79,19 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path) -> Path:
-    """Lay out, write as PNG and close ``fig``; returns ``path``."""
+def save_figure(fig: Any, path: Path) -> Path:
+    """Lay out, write as PNG and close `fig`; returns `path`."""
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def decaying_adam(lr: float, lr_final: float | None, steps: int) -> pyro.optim.PyroOptim:
+    """Adam whose learning rate decays geometrically from `lr` to `lr_final` over
+    `steps` (constant when `lr_final` is None), so that short runs end with little
+    SGD noise; no gradient clipping."""
+    decay = 1.0 if lr_final is None else (lr_final / lr) ** (1.0 / max(1, steps))
+    return pyro.optim.ClippedAdam({"lr": lr, "lrd": decay, "clip_norm": math.inf})
