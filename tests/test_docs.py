@@ -144,7 +144,7 @@ def test_math_is_typeset_by_a_local_katex(site):
 
 # Internal notes users of the package do not have, and an old nickname for
 # Pyro issue #2220 and its programs ("seed" as a random seed is fine).
-INTERNAL = re.compile(r"design\.md|\bthe seed\b(?!-)|\bseed'" + r"s\b|\bseed discussion", re.I)
+INTERNAL = re.compile(r"design[.]md|\bthe[ ]seed\b(?!-)|\bseed[']s\b|\bseed[ ]discussion", re.I)
 
 
 def test_docs_cite_the_contract_page_not_internal_notes():
