@@ -89,6 +89,36 @@ class Conjugate:
 
         return {"vectorized": vectorized, "sequential": sequential}[layout]
 
+    def scaled_masked_programs(self, layout: str, record: list, scale=1.0, mask=None):
+        """The model whose observation site is under ``poutine.scale(scale)`` and
+        ``poutine.mask(mask[b])`` (``n == 1``); the exact guide appends its draws to ``record``."""
+
+        def obs_mask(b):
+            return True if mask is None else (mask if layout == "vectorized" else bool(mask[b]))
+
+        def model(x):
+            if layout == "vectorized":
+                with batch_plate("data", len(x)):
+                    w = pyro.sample("w", dist.Normal(self.m, self.s))
+                    with poutine.scale(scale=scale), poutine.mask(mask=obs_mask(None)):
+                        pyro.sample("x", dist.Normal(w, self.t), obs=x)
+            else:
+                for i in batch_plate("data", len(x)):
+                    w = pyro.sample(f"w_{i}", dist.Normal(self.m, self.s))
+                    with poutine.scale(scale=scale), poutine.mask(mask=obs_mask(i)):
+                        pyro.sample(f"x_{i}", dist.Normal(w, self.t), obs=x[i])
+
+        def guide(x):
+            loc, r = self.posterior(x)
+            if layout == "vectorized":
+                with batch_plate("data", len(x)):
+                    record.append(pyro.sample("w", dist.Normal(loc, r)))
+            else:
+                for i in batch_plate("data", len(x)):
+                    record.append(pyro.sample(f"w_{i}", dist.Normal(loc[i], r)))
+
+        return model, guide
+
 
 def fixed_noise_guide(layout, loc, log_scale, eps, plate=batch_plate, **plate_kwargs):
     """``w_b = loc_b + exp(log_scale) * eps_b`` with fixed ``eps``, scored under
@@ -116,6 +146,33 @@ def fixed_noise_guide(layout, loc, log_scale, eps, plate=batch_plate, **plate_kw
             site(f"w_{i}", x[i], e[pos])
 
     return {"vectorized": vectorized, "sequential": sequential}[layout]
+
+
+# -- w ~ N(0, 1), x | w ~ N(w, 1): the smallest program, for the structural rules --
+
+TOY_X = torch.tensor([1.0, 2.0, 3.0])
+
+
+def vec_model(x):
+    with batch_plate("data", len(x)):
+        w = pyro.sample("w", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+
+def vec_guide(x):
+    with batch_plate("data", len(x)):
+        pyro.sample("w", dist.Normal(0.0, 1.0))
+
+
+def seq_model(x):
+    for i in batch_plate("data", len(x)):
+        w = pyro.sample(f"w_{i}", dist.Normal(0.0, 1.0))
+        pyro.sample(f"x_{i}", dist.Normal(w, 1.0), obs=x[i])
+
+
+def seq_guide(x):
+    for i in batch_plate("data", len(x)):
+        pyro.sample(f"w_{i}", dist.Normal(0.0, 1.0))
 
 
 # -- a Bernoulli mixture: discrete latents, exact expectations by enumeration --

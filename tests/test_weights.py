@@ -21,7 +21,6 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro import poutine
 
 import batchplate
 from batchplate import BatchPlateError, batch_plate, log_weights
@@ -89,37 +88,6 @@ def test_exact_guide_gives_exact_evidence(layout, vectorize, K, n):
 # ---------------------------------------------------------------------------
 
 
-def scaled_masked_programs(layout, record, scale=1.0, mask=None):
-    """Conjugate model whose observation site is under ``poutine.scale(scale)`` and
-    ``poutine.mask(mask[b])``; the exact guide appends its draws to ``record``."""
-
-    def obs_mask(b):
-        return True if mask is None else (mask if layout == "vectorized" else bool(mask[b]))
-
-    def model(x):
-        if layout == "vectorized":
-            with batch_plate("data", len(x)):
-                w = pyro.sample("w", dist.Normal(CONJ.m, CONJ.s))
-                with poutine.scale(scale=scale), poutine.mask(mask=obs_mask(None)):
-                    pyro.sample("x", dist.Normal(w, CONJ.t), obs=x)
-        else:
-            for i in batch_plate("data", len(x)):
-                w = pyro.sample(f"w_{i}", dist.Normal(CONJ.m, CONJ.s))
-                with poutine.scale(scale=scale), poutine.mask(mask=obs_mask(i)):
-                    pyro.sample(f"x_{i}", dist.Normal(w, CONJ.t), obs=x[i])
-
-    def guide(x):
-        loc, r = CONJ.posterior(x)
-        if layout == "vectorized":
-            with batch_plate("data", len(x)):
-                record.append(pyro.sample("w", dist.Normal(loc, r)))
-        else:
-            for i in batch_plate("data", len(x)):
-                record.append(pyro.sample(f"w_{i}", dist.Normal(loc[i], r)))
-
-    return model, guide
-
-
 def recorded_latents(record, layout, vectorize, K, B):
     """The guide's draws as ``[K, B]``."""
     if not vectorize:  # one trace per particle, data in order
@@ -137,7 +105,7 @@ def test_user_scale_and_mask(layout, vectorize, what):
     scale = 2.5 if "scale" in what else 1.0
     mask = torch.tensor([True, False, True, True]) if "mask" in what else None
     record = []
-    model, guide = scaled_masked_programs(layout, record, scale=scale, mask=mask)
+    model, guide = CONJ.scaled_masked_programs(layout, record, scale=scale, mask=mask)
     iwae = batchplate.RenyiELBO(
         alpha=0, num_particles=K, vectorize_particles=vectorize, max_plate_nesting=1
     )
