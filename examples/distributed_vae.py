@@ -1,10 +1,12 @@
 """Data-parallel training of the digits VAE with torch.distributed.
 
-Run on one machine with two processes (CPU: gloo; GPUs: NCCL, one per process)::
+Run on one machine with two processes (CPU: gloo; GPUs: NCCL, one per process):
 
-    torchrun --standalone --nproc_per_node=2 examples/distributed_vae.py --steps 200
+```bash
+torchrun --standalone --nproc_per_node=2 examples/distributed_vae.py --steps 200
+```
 
-Every step draws one global minibatch of ``--batch-size`` images (the same on
+Every step draws one global minibatch of `--batch-size` images (the same on
 all ranks: the permutation is seeded by the step), and each rank takes its
 contiguous shard of it (sizes differ by at most one). The wrapped objective
 weights each rank's loss by its shard's share of the batch and sums the
@@ -40,7 +42,7 @@ def checksum(module: torch.nn.Module) -> tuple[float, str]:
     return float(flat.sum()), hashlib.sha256(flat.numpy().tobytes()).hexdigest()[:16]
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--objective", default="iwae", help="elbo, iwae, vimco, rws or ws")
@@ -51,21 +53,11 @@ def main() -> None:
     parser.add_argument("--eval-particles", type=int, default=200)
     parser.add_argument("--log-every", type=int, default=25)
     parser.add_argument("--timeout", type=float, default=120.0, help="collective timeout (s)")
-    args = parser.parse_args()
+    return parser.parse_args()
 
-    torch.set_num_threads(1)
-    rank, world, device = init_distributed(timeout=datetime.timedelta(seconds=args.timeout))
-    train, test = load_data(seed=0, device=device)
 
-    # Same initial parameters on every rank: seed, then broadcast rank 0's to be sure.
-    torch.manual_seed(args.seed)
-    pyro.clear_param_store()
-    vae = VAE().to(device)
-    for p in vae.parameters():
-        dist.broadcast(p.data, src=0)
-    # Independent particles on each rank.
-    pyro.set_rng_seed(args.seed * 1000 + 1 + rank)
-
+def train(args, vae: VAE, train_set: torch.Tensor, rank: int, world: int, device) -> None:
+    """SVI steps on this rank's shard of each global minibatch."""
     objective = DistributedObjective(make_objective(args.objective, args.num_particles))
     svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": args.lr}), objective)
     mine = shard_indices(args.batch_size, rank, world).to(device)
@@ -77,19 +69,21 @@ def main() -> None:
             flush=True,
         )
     for step in range(1, args.steps + 1):
+        # Seeded by the step, so every rank draws the same global minibatch.
         order = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-        batch = torch.randperm(len(train), generator=order)[: args.batch_size].to(device)
-        loss = svi.step(train[batch[mine]])  # the global minibatch's loss, on every rank
+        batch = torch.randperm(len(train_set), generator=order)[: args.batch_size].to(device)
+        loss = svi.step(train_set[batch[mine]])  # the global minibatch's loss, on every rank
         if rank == 0 and (step % args.log_every == 0 or step == args.steps):
             value = loss[0] + loss[1] if isinstance(loss, tuple) else loss
             print(f"step {step:5d}  loss {value:.4f}", flush=True)
 
+
+def evaluate(args, vae: VAE, test: torch.Tensor, rank: int, world: int, device) -> None:
+    """Check that the ranks agree on the parameters; estimate the test log-likelihood."""
     total, digest = checksum(vae)
     print(f"rank {rank}: parameter checksum sum={total:.10f} sha256={digest}", flush=True)
     sums = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(world)]
     dist.all_gather(sums, torch.tensor([total], dtype=torch.float64, device=device))
-
-    # Test log-likelihood: each rank estimates its shard of the test set; gather.
     with torch.no_grad():
         part = test[shard_indices(len(test), rank, world).to(device)]
         log_px = distributed_log_evidence(
@@ -109,6 +103,25 @@ def main() -> None:
         )
         if not agree:
             raise SystemExit("ranks disagree on parameters")
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(1)
+    rank, world, device = init_distributed(timeout=datetime.timedelta(seconds=args.timeout))
+    train_set, test = load_data(seed=0, device=device)
+
+    # Same initial parameters on every rank: seed, then broadcast rank 0's to be sure.
+    torch.manual_seed(args.seed)
+    pyro.clear_param_store()
+    vae = VAE().to(device)
+    for p in vae.parameters():
+        dist.broadcast(p.data, src=0)
+    # Independent particles on each rank: identical seeds would give different data the same noise.
+    pyro.set_rng_seed(args.seed * 1000 + 1 + rank)
+
+    train(args, vae, train_set, rank, world, device)
+    evaluate(args, vae, test, rank, world, device)
     dist.destroy_process_group()
 
 

@@ -1,10 +1,10 @@
 """Data-parallel objectives equal one process: the self-test on 2 local gloo ranks.
 
-``python -m batchplate.distributed --selftest`` compares losses, gradients,
+`python -m batchplate.distributed_selftest --nproc 2` compares losses, gradients,
 SVI parameters and gathered log-evidence of 2 ranks holding unequal shards
 (5 and 3 data) with one process on the concatenated batch, for vectorized,
 sequential and dynamic programs and every objective (see
-``batchplate._distributed_selftest``). These tests run it in subprocesses,
+`batchplate.distributed_selftest`). These tests run it in subprocesses,
 check that it passes, that it fails when the shard weights are wrong, and
 that a rank which raises or hangs ends the run with a clear error, quickly.
 Traffic stays on loopback.
@@ -29,7 +29,7 @@ ENV = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM
 def selftest(*extra: str, backstop: float = 150) -> tuple[int, str, float]:
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "batchplate.distributed", "--selftest", "--nproc", "2", *extra],
+        [sys.executable, "-m", "batchplate.distributed_selftest", "--nproc", "2", *extra],
         env=ENV,
         capture_output=True,
         text=True,
@@ -74,19 +74,23 @@ def test_shards_cover_the_batch_in_order():
         assert max(len(p) for p in parts) - min(len(p) for p in parts) <= 1
 
 
-def test_shard_weights():
+def test_rank_shares():
     """f_r = B_r/B (mean, subsampled sum), 1 (sum over unsubsampled shards)."""
     table = torch.tensor([[5.0, 20.0], [3.0, 20.0]], dtype=torch.float64)
     mean = DistributedObjective(Trace_ELBO())
-    assert torch.allclose(mean.weights(table), torch.tensor([5 / 8, 3 / 8], dtype=torch.float64))
+    assert torch.allclose(
+        mean.rank_shares(table), torch.tensor([5 / 8, 3 / 8], dtype=torch.float64)
+    )
     total = DistributedObjective(Trace_ELBO(reduction="sum"))
-    assert torch.allclose(total.weights(table), torch.tensor([5 / 8, 3 / 8], dtype=torch.float64))
+    assert torch.allclose(
+        total.rank_shares(table), torch.tensor([5 / 8, 3 / 8], dtype=torch.float64)
+    )
     shards = torch.tensor([[5.0, 5.0], [3.0, 3.0]], dtype=torch.float64)
-    assert torch.allclose(total.weights(shards), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(total.rank_shares(shards), torch.ones(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="dataset size N"):
-        total.weights(torch.tensor([[5.0, 20.0], [3.0, 30.0]], dtype=torch.float64))
+        total.rank_shares(torch.tensor([[5.0, 20.0], [3.0, 30.0]], dtype=torch.float64))
     sized = DistributedObjective(Trace_ELBO(reduction="sum"), dataset_size=40)
-    assert torch.allclose(sized.weights(shards), torch.tensor([5.0, 5.0], dtype=torch.float64))
+    assert torch.allclose(sized.rank_shares(shards), torch.tensor([5.0, 5.0], dtype=torch.float64))
 
 
 def test_needs_a_process_group():
@@ -95,3 +99,14 @@ def test_needs_a_process_group():
     with pytest.raises(RuntimeError, match="init_distributed"):
         DistributedObjective(Trace_ELBO()).loss(lambda: None, lambda: None)
     pyro.clear_param_store()
+
+
+def test_library_module_does_not_import_the_self_test():
+    """`batchplate.distributed` is library only: no self-test, no objective type switch."""
+    code = (
+        "import sys, batchplate.distributed; "
+        "print(sorted(m for m in sys.modules if 'selftest' in m))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

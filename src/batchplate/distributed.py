@@ -1,51 +1,50 @@
-r"""Data-parallel training with :mod:`torch.distributed`, equal to one process.
+r"""Data-parallel training with `torch.distributed`, equal to one process.
 
-Each rank holds a shard of the minibatch (``B_r`` data, shards may differ in
-size). Every batchplate objective reduces per-datum values ``L_b`` as
-``L = (c/B) sum_b L_b`` with ``c = 1`` (``reduction="mean"``) or ``c = N``
-(``reduction="sum"``, ``N`` the dataset size). Over the concatenated batch of
-``B = sum_r B_r`` data this is a weighted sum of the ranks' local values
-``L_r = (c_r/B_r) sum_{b in r} L_b``:
+Each rank holds a shard of the minibatch (`B_r` data; shards may differ in
+size). Every batchplate objective reduces per-datum values `L_b` as
+`L = (c/B) sum_b L_b` with `c = 1` (`reduction="mean"`) or `c = N`
+(`reduction="sum"`, `N` the dataset size); see the Contract page
+(`docs/contract.md`). Over the concatenated batch of `B = sum_r B_r` data this is a weighted
+sum of the ranks' local values `L_r = (c_r/B_r) sum_{b in r} L_b`:
 
-.. math:: L = \sum_r f_r L_r, \qquad f_r = \frac{c\,B_r}{c_r\,B},
+$$
+L = \sum_r f_r L_r, \qquad f_r = \frac{c\,B_r}{c_r\,B},
+$$
 
-so ``f_r = B_r / B`` for the mean (the shard-weighted mean) and for a
-subsampled sum (all ranks share ``N``), and ``f_r = 1`` for the sum over
-unsubsampled shards (``c = B``, ``c_r = B_r``). Gradients are linear in the
-same way, so each rank back-propagates ``f_r L_r`` and the gradients are
+so `f_r = B_r / B` for the mean (the shard-weighted mean) and for a
+subsampled sum (all ranks share `N`), and `f_r = 1` for the sum over
+unsubsampled shards (`c = B`, `c_r = B_r`). Gradients are linear in the
+same way, so each rank back-propagates `f_r L_r` and the gradients are
 summed over ranks (one all-reduce of one flat bucket). The result equals the
 single-process loss and gradient on the concatenated batch with the same
 random draws, up to floating-point summation order.
 
-:class:`DistributedObjective` wraps any batchplate objective and works under
-:class:`pyro.infer.SVI` and in plain PyTorch loops (``differentiable_loss``,
-``backward``, then :func:`sync_gradients`). :func:`gather_per_datum`
-collects per-datum results such as :func:`~batchplate.log_evidence` from all
-ranks. :func:`init_distributed` starts a process group from ``torchrun``'s
-environment with a bounded timeout, so a failed or hung rank ends the run with
-an error instead of a hang. ``python -m batchplate.distributed --selftest``
-checks the equivalence on local processes.
+`DistributedObjective` wraps any batchplate objective and works under
+`pyro.infer.SVI` and in plain PyTorch loops (`differentiable_loss`,
+`backward`, then `sync_gradients`). `gather_per_datum` collects per-datum
+results such as `batchplate.log_evidence` from all ranks. `init_distributed`
+starts a process group from `torchrun`'s environment with a bounded timeout,
+so a failed or hung rank ends the run with an error instead of a hang.
+`python -m batchplate.distributed_selftest --nproc 2` checks the equivalence
+on local processes.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
+import dataclasses
 import datetime
 import os
 import socket
-import sys
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.distributed as dist
 from pyro import poutine
 from pyro.infer.elbo import ELBO
 
-from .objectives.base import BatchObjective
-from .objectives.rws import ReweightedWakeSleep
-from .weights import BatchInfo
+from .objectives.base import BatchObjective, Losses
+from .plate import BatchInfo
 
 __all__ = [
     "DistributedObjective",
@@ -69,18 +68,18 @@ def init_distributed(
     backend: str | None = None,
     timeout: float | datetime.timedelta = DEFAULT_TIMEOUT,
 ) -> tuple[int, int, torch.device]:
-    """Start the default process group from ``torchrun``'s environment.
+    """Start the default process group from `torchrun`'s environment.
 
-    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-    ``MASTER_PORT`` (``torchrun`` sets them). The backend is NCCL when CUDA is
-    available (each process then uses GPU ``LOCAL_RANK``), gloo otherwise.
-    ``timeout`` bounds every collective, the initial rendezvous included: a
-    rank that dies or hangs makes the others raise after ``timeout`` instead of
-    waiting forever. Started without ``torchrun`` (no ``RANK``/``WORLD_SIZE``
+    Reads `RANK`, `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR` and
+    `MASTER_PORT` (`torchrun` sets them). The backend is NCCL when CUDA is
+    available (each process then uses GPU `LOCAL_RANK`), gloo otherwise.
+    `timeout` bounds every collective, the initial rendezvous included: a
+    rank that dies or hangs makes the others raise after `timeout` instead of
+    waiting forever. Started without `torchrun` (no `RANK`/`WORLD_SIZE`
     in the environment), it forms a group of one process, so the same script
-    runs with plain ``python``.
+    runs with plain `python`.
 
-    :returns: ``(rank, world_size, device)``.
+    :returns: `(rank, world_size, device)`.
     """
     if not isinstance(timeout, datetime.timedelta):
         timeout = datetime.timedelta(seconds=float(timeout))
@@ -121,11 +120,11 @@ def _check_initialized() -> None:
 def shard_indices(
     size: int, rank: int | None = None, world_size: int | None = None
 ) -> torch.Tensor:
-    """The contiguous block of ``range(size)`` that rank ``rank`` holds.
+    """The contiguous block of `range(size)` that rank `rank` holds.
 
     Blocks differ in size by at most one and, concatenated in rank order, give
-    ``range(size)``, so the ranks' shards together are exactly the
-    single-process batch (unlike a padded ``DistributedSampler``).
+    `range(size)`, so the ranks' shards together are exactly the
+    single-process batch (unlike a padded `DistributedSampler`).
     """
     if rank is None:
         rank = dist.get_rank()
@@ -166,9 +165,9 @@ def _all_reduce_flat(tensors: list[torch.Tensor], group) -> list[torch.Tensor]:
 def _sum_gradients(
     params: Sequence[torch.Tensor], before: Sequence[torch.Tensor | None], group
 ) -> None:
-    """Replace each ``.grad`` by ``before + sum over ranks of (.grad - before)``.
+    """Replace each `.grad` by `before + sum over ranks of (.grad - before)`.
 
-    A ``None`` gradient counts as zero and stays ``None`` only if it is ``None``
+    A `None` gradient counts as zero and stays `None` only if it is `None`
     on every rank (a presence flag travels in the same bucket).
     """
     if not params:
@@ -190,15 +189,15 @@ def _sum_gradients(
 
 
 def sync_gradients(params: Iterable[torch.Tensor], group=None) -> None:
-    """Sum the ``.grad`` of ``params`` over ranks, in place.
+    """Sum the `.grad` of `params` over ranks, in place.
 
-    For plain PyTorch loops with :meth:`DistributedObjective.differentiable_loss`:
+    For plain PyTorch loops with `DistributedObjective.differentiable_loss`:
     each rank's loss is already weighted by its share of the global batch, so
     the sum of the ranks' gradients is the single-process gradient. Call it
-    after ``zero_grad()`` and ``backward()``, before ``step()``, with the same
-    parameters in the same order on every rank (e.g. ``module.parameters()``).
-    A parameter whose gradient is ``None`` counts as zero; it keeps ``None``
-    only if it is ``None`` on every rank.
+    after `zero_grad()` and `backward()`, before `step()`, with the same
+    parameters in the same order on every rank (e.g. `module.parameters()`).
+    A parameter whose gradient is `None` counts as zero; it keeps `None`
+    only if it is `None` on every rank.
     """
     _check_initialized()
     params = list(params)
@@ -208,23 +207,6 @@ def sync_gradients(params: Iterable[torch.Tensor], group=None) -> None:
 # ---------------------------------------------------------------------------
 # The objective
 # ---------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _recording_batches(objective: BatchObjective) -> Iterator[list[BatchInfo]]:
-    """Record the batch plate of every reduction the objective makes."""
-    seen: list[BatchInfo] = []
-    reduce = objective.reduce
-
-    def recording(per_datum: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
-        seen.append(batch)
-        return reduce(per_datum, batch)
-
-    objective.reduce = recording  # an instance attribute shadows the method
-    try:
-        yield seen
-    finally:
-        del objective.reduce
 
 
 def _param_tensors(trace) -> dict[str, torch.Tensor]:
@@ -243,51 +225,65 @@ def _signature(params: dict[str, torch.Tensor]) -> int:
     return zlib.crc32(text.encode())
 
 
+def _result(losses: Losses, total: Sequence[torch.Tensor]) -> float | tuple[float, ...]:
+    """The global losses in the objective's own return shape (`Losses.result`)."""
+    return dataclasses.replace(losses, values=tuple(total)).result()
+
+
 class DistributedObjective(ELBO):
     r"""Run a batchplate objective data-parallel, with single-process results.
 
     Each rank calls the wrapper with its own shard of the minibatch; the
-    program's batch plate is the shard's (``batch_plate("data", B_r)``, or
-    ``batch_plate("data", N, subsample=idx_r)`` with the rank's dataset
+    program's batch plate is the shard's (`batch_plate("data", B_r)`, or
+    `batch_plate("data", N, subsample=idx_r)` with the rank's dataset
     indices). The returned loss is the global loss on the concatenated batch
-    and, after ``loss_and_grads``, every parameter the program touched holds
+    and, after `loss_and_grads`, every parameter the program touched holds
     the global gradient on every rank, so identical optimizers keep identical
     parameters.
 
-    How (see the module docstring): one ``all_gather`` of each rank's batch
-    size ``B_r``, dataset size ``N_r``, local loss and parameter checksum gives
-    every rank the weights ``f_r`` (``B_r / B`` for the mean and for a
-    subsampled sum, ``1`` for the sum over unsubsampled shards) and the global
-    loss; the rank back-propagates ``f_r`` times its local loss; one
-    all-reduce of a flat gradient bucket sums the gradients.
+    How: the objective's `local_losses` gives the
+    rank's loss tensors and its batch plate; one `all_gather` of each rank's
+    batch size `B_r`, dataset size `N_r`, local losses and parameter checksum
+    gives every rank the shares `f_r` (`rank_shares`: `B_r / B` for the mean
+    and for a subsampled sum, `1` for the sum over unsubsampled shards) and
+    the global losses; the rank back-propagates `f_r` times its local losses;
+    one all-reduce of a flat gradient bucket sums the gradients.
 
     Randomness: the equality with one process holds for the same draws. Ranks
     draw their own particles, which is as good statistically (independent
     draws per datum); for bit-level comparisons draw each datum's noise from a
     stream seeded by its global index (the self-test does).
 
-    :class:`~batchplate.ReweightedWakeSleep` returns its pair
-    ``(wake_theta_loss, phi_loss)``, both global. Its sleep phase fantasizes
-    ``(z, x) ~ p`` for every datum slot of the rank's batch plate, so the ranks
-    together draw ``B`` fantasies per sleep particle, as one process on the
-    concatenated batch; the sleep loss is their shard-weighted mean.
+    An objective with several losses returns them all, each global:
+    `batchplate.ReweightedWakeSleep` returns its pair
+    `(wake_theta_loss, phi_loss)`. Its sleep phase fantasizes `(z, x) ~ p` for
+    every datum slot of the rank's batch plate, so the ranks together draw `B`
+    fantasies per sleep particle, as one process on the concatenated batch;
+    the sleep loss is their shard-weighted mean.
 
-    :param objective: a :class:`~batchplate.BatchObjective`.
+    Usage under SVI:
+
+    ```python
+    init_distributed()
+    loss = DistributedObjective(RenyiELBO(alpha=0, num_particles=5))
+    svi = SVI(model, guide, Adam({"lr": 1e-3}), loss)
+    svi.step(x_shard)  # global loss; synchronized gradients
+    ```
+
+    Plain PyTorch:
+
+    ```python
+    loss = dobj.differentiable_loss(model, guide, x_shard)
+    opt.zero_grad()
+    loss.backward()
+    sync_gradients(module.parameters())
+    opt.step()
+    ```
+
+    :param objective: a `batchplate.BatchObjective`.
     :param group: the process group (default: the world).
-    :param dataset_size: ``N`` for ``reduction="sum"`` when it cannot be read
-        from the batch plates (see :meth:`weights`); ignored for the mean.
-
-    Usage under SVI::
-
-        init_distributed()
-        loss = DistributedObjective(RenyiELBO(alpha=0, num_particles=5))
-        svi = SVI(model, guide, Adam({"lr": 1e-3}), loss)
-        svi.step(x_shard)        # global loss; synchronized gradients
-
-    Plain PyTorch::
-
-        loss = dobj.differentiable_loss(model, guide, x_shard)
-        opt.zero_grad(); loss.backward(); sync_gradients(module.parameters()); opt.step()
+    :param dataset_size: `N` for `reduction="sum"` when it cannot be read
+        from the batch plates (see `rank_shares`); ignored for the mean.
     """
 
     def __init__(
@@ -303,10 +299,17 @@ class DistributedObjective(ELBO):
         self.group = group
         self.dataset_size = dataset_size
 
-    # -- weights ---------------------------------------------------------
+    # -- each rank's share ---------------------------------------------------
 
-    def weights(self, table: torch.Tensor) -> torch.Tensor:
-        """The ranks' weights ``f_r`` from the gathered ``[R, >= 2]`` table of ``(B_r, N_r)``."""
+    def rank_shares(self, table: torch.Tensor) -> torch.Tensor:
+        """Each rank's share `f_r` of the global loss: `L = sum_r f_r L_r`.
+
+        :param table: the gathered `[R, >= 2]` table whose first two columns are
+            each rank's batch size `B_r` and dataset size `N_r`.
+        :returns: `[R]`: `B_r / B` for the mean and for a subsampled sum (all
+            ranks share `N`), `1` for the sum over unsubsampled shards, and
+            `(N / B) (B_r / N_r)` with `dataset_size=N`.
+        """
         B_r, N_r = table[:, 0], table[:, 1]
         B = B_r.sum()
         if self.objective.reduction == "mean":
@@ -327,31 +330,24 @@ class DistributedObjective(ELBO):
         return (N / B) * (B_r / N_r)
 
     def _exchange(
-        self, objective_losses: Sequence[torch.Tensor], batches: list[BatchInfo], params: dict
+        self, values: Sequence[torch.Tensor], batch: BatchInfo | None, params: dict
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All-gather sizes, losses and parameter checksums; return ``(f_r, global losses)``."""
+        """All-gather sizes, losses and parameter checksums; return `(f_r, global losses)`."""
         _check_initialized()
-        if not batches:
-            raise RuntimeError("the objective made no batch reduction; nothing to synchronize")
-        first = batches[0]
-        for b in batches[1:]:
-            if (b.size, b.full_size) != (first.size, first.full_size):
-                raise RuntimeError(f"batch plate changed within one step: {first} vs {b}")
-        # The last loss is always computed (RWS's skipped wake-theta is a CPU NaN).
-        device = objective_losses[-1].device
+        if batch is None:
+            raise RuntimeError("the objective reported no batch plate; nothing to synchronize")
         row = torch.tensor(
             [
-                first.size,
-                first.full_size,
+                batch.size,
+                batch.full_size,
                 len(params),
                 _signature(params),
-                *[float(v.detach()) for v in objective_losses],
+                *[float(v.detach()) for v in values],
             ],
             dtype=torch.float64,
-            device=device,
+            device=values[0].device,  # NCCL exchanges on the GPU the losses live on
         )
-        world = dist.get_world_size(self.group)
-        rows = [torch.empty_like(row) for _ in range(world)]
+        rows = [torch.empty_like(row) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(rows, row, group=self.group)
         table = torch.stack(rows).cpu()
         if not bool((table[:, 2:4] == table[0, 2:4]).all()):
@@ -360,69 +356,65 @@ class DistributedObjective(ELBO):
                 f"{table[:, 2].long().tolist()}); every rank must run the same model and guide "
                 "and create the same pyro.param sites, so that gradients can be summed."
             )
-        f = self.weights(table)
-        values = table[:, 4:]
-        global_losses = [(f * values[:, i]).sum() for i in range(values.shape[1])]
-        return f, global_losses
+        f = self.rank_shares(table)
+        columns = table[:, 4:]
+        return f, [(f * columns[:, i]).sum() for i in range(columns.shape[1])]
 
     # -- Pyro's interface ---------------------------------------------------
 
-    def _local(self, model, guide, args, kwargs, pair: bool):
-        """Run the objective; return its loss tensor(s), batch plates, and params."""
+    def _local(self, model, guide, args, kwargs) -> tuple[Losses, dict[str, torch.Tensor]]:
+        """Run the objective on this rank's shard; return its losses and the params it touched."""
         _check_initialized()
-        with (
-            poutine.trace(param_only=True) as capture,
-            _recording_batches(self.objective) as batches,
-        ):
-            if pair:
-                losses = list(self.objective.losses(model, guide, *args, **kwargs))
-            else:
-                losses = [self.objective.differentiable_loss(model, guide, *args, **kwargs)]
-        return losses, batches, _param_tensors(capture.trace)
+        with poutine.trace(param_only=True) as capture:
+            losses = self.objective.local_losses(model, guide, *args, **kwargs)
+        return losses, _param_tensors(capture.trace)
 
-    def _is_pair(self) -> bool:
-        return isinstance(self.objective, ReweightedWakeSleep)
+    def _share(self, f: torch.Tensor) -> float:
+        return float(f[dist.get_rank(self.group)])
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs):
-        """The global loss (a float; a pair for reweighted wake-sleep), without gradients."""
-        pair = self._is_pair()
+        """The global loss, without gradients.
+
+        :returns: a float, or a tuple of floats for an objective with several
+            losses (reweighted wake-sleep's `(wake_theta_loss, phi_loss)`).
+        """
         with torch.no_grad():
-            losses, batches, params = self._local(model, guide, args, kwargs, pair)
-            _, total = self._exchange(losses, batches, params)
-        values = tuple(t.item() for t in total)
-        return values if pair else values[0]
+            losses, params = self._local(model, guide, args, kwargs)
+            _, total = self._exchange(losses.values, losses.batch, params)
+        return _result(losses, total)
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs):
-        """The global loss; leaves the global gradient in every touched parameter's ``.grad``.
+        """The global loss; leaves the global gradient in every touched parameter's `.grad`.
 
         Gradients already present are kept and the step's gradient is added
         (as Pyro's objectives do), so gradient accumulation works too.
+
+        :returns: as `loss`.
         """
-        pair = self._is_pair()
-        losses, batches, params = self._local(model, guide, args, kwargs, pair)
-        f, total = self._exchange(losses, batches, params)
-        scale = float(f[dist.get_rank(self.group)])
-        names = sorted(params)
-        tensors = [params[n] for n in names]
+        losses, params = self._local(model, guide, args, kwargs)
+        f, total = self._exchange(losses.values, losses.batch, params)
+        tensors = [params[n] for n in sorted(params)]  # the same order on every rank
         before = [None if p.grad is None else p.grad.detach().clone() for p in tensors]
-        surrogate = sum(scale * t for t in losses if t.requires_grad)
+        share = self._share(f)
+        surrogate = sum(share * v for v in losses.values if v.requires_grad)
         if isinstance(surrogate, torch.Tensor):
             surrogate.backward(retain_graph=self.objective.retain_graph)
         _sum_gradients(tensors, before, self.group)
-        values = tuple(t.item() for t in total)
-        return values if pair else values[0]
+        return _result(losses, total)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         """A scalar whose value is the global loss and whose gradient is this rank's share.
 
-        After ``backward()``, sum gradients over ranks with :func:`sync_gradients`
-        (for reweighted wake-sleep the scalar is ``wake_theta + phi``, as
-        :meth:`ReweightedWakeSleep.differentiable_loss`).
+        After `backward()`, sum gradients over ranks with `sync_gradients`.
+        The scalar is the wrapped objective's `differentiable_loss`: for
+        reweighted wake-sleep `wake_theta + phi` (each reaches its own
+        parameters), or `phi` when the wake-theta phase is skipped.
         """
-        losses, batches, params = self._local(model, guide, args, kwargs, pair=False)
-        f, total = self._exchange(losses, batches, params)
-        scale = float(f[dist.get_rank(self.group)])
-        local = scale * losses[0]
+        losses, params = self._local(model, guide, args, kwargs)
+        local = losses.total()
+        f, total = self._exchange([local], losses.batch, params)
+        local = self._share(f) * local
+        # The value of the global loss, the gradient of this rank's share of it.
         return local + (total[0].to(local) - local.detach())
 
     def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - ELBO's abstract hook
@@ -435,12 +427,12 @@ class DistributedObjective(ELBO):
 
 
 def gather_per_datum(tensor: torch.Tensor, group=None) -> torch.Tensor:
-    """Concatenate every rank's per-datum tensor ``[B_r, ...]`` in rank order.
+    """Concatenate every rank's per-datum tensor `[B_r, ...]` in rank order.
 
-    Shards may differ in size: each rank pads to the largest ``B_r`` for
-    ``all_gather`` and the padding is dropped. Every rank gets the ``[B, ...]``
+    Shards may differ in size: each rank pads to the largest `B_r` for
+    `all_gather` and the padding is dropped. Every rank gets the `[B, ...]`
     result, which is the single-process result when the shards are the
-    single-process batch split in rank order (as :func:`shard_indices` gives).
+    single-process batch split in rank order (as `shard_indices` gives).
     """
     _check_initialized()
     world = dist.get_world_size(group)
@@ -459,55 +451,11 @@ def gather_per_datum(tensor: torch.Tensor, group=None) -> torch.Tensor:
 def distributed_log_evidence(
     model: Callable, guide: Callable, *args, group=None, **kwargs
 ) -> torch.Tensor:
-    """:func:`batchplate.log_evidence` on each rank's shard, gathered: ``[B]`` on every rank.
+    """`batchplate.log_evidence` on each rank's shard, gathered: `[B]` on every rank.
 
-    ``log_evidence`` is per datum, so ranks need no communication while
-    estimating; only the results are gathered (:func:`gather_per_datum`).
+    `log_evidence` is per datum, so ranks need no communication while
+    estimating; only the results are gathered (`gather_per_datum`).
     """
     from .evaluate import log_evidence
 
     return gather_per_datum(log_evidence(model, guide, *args, **kwargs), group=group)
-
-
-# ---------------------------------------------------------------------------
-# Self-test: `python -m batchplate.distributed --selftest --nproc 2`
-# ---------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    from . import _distributed_selftest as selftest
-
-    parser = argparse.ArgumentParser(
-        prog="python -m batchplate.distributed",
-        description="Check that data-parallel training equals one process (local gloo ranks).",
-    )
-    parser.add_argument("--selftest", action="store_true", help="run the self-test")
-    parser.add_argument("--nproc", type=int, default=2, help="number of local ranks")
-    parser.add_argument(
-        "--timeout",
-        type=float,
-        default=120.0,
-        help="overall wall-clock bound in seconds; ranks' collectives time out at half of it",
-    )
-    parser.add_argument("--atol", type=float, default=1e-9, help="allowed absolute difference")
-    parser.add_argument(
-        "--inject",
-        choices=("raise", "hang"),
-        default=None,
-        help="testing: make one rank raise or hang, to check that the run fails cleanly",
-    )
-    parser.add_argument("--inject-rank", type=int, default=1, help="the rank for --inject")
-    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
-    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    if args.worker is not None:
-        return selftest.worker(args)
-    if not args.selftest:
-        parser.print_help()
-        return 2
-    return selftest.launch(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

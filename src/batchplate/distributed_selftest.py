@@ -1,25 +1,29 @@
-"""The self-test of :mod:`batchplate.distributed`: split ranks equal one process.
+"""The self-test of `batchplate.distributed`: split ranks equal one process.
 
-``python -m batchplate.distributed --selftest --nproc 2`` starts ``nproc``
-worker processes on loopback (gloo, ``127.0.0.1``, a free port chosen by a
-TCP store that this process hosts), gives them unequal shards of one global
-minibatch, and runs a list of cases on them; meanwhile it runs the same cases
-in this process on the concatenated batch. Losses, gradients, parameters after
-SVI steps and gathered per-datum evidence are compared, rank by rank.
+```bash
+python -m batchplate.distributed_selftest --nproc 2
+```
+
+starts `nproc` worker processes on loopback (gloo, `127.0.0.1`, a free port
+chosen by a TCP store that this process hosts), gives them unequal shards of
+one global minibatch, and runs a list of cases on them; meanwhile it runs the
+same cases in this process on the concatenated batch. Losses, gradients,
+parameters after SVI steps and gathered per-datum evidence are compared, rank
+by rank. It exits 0 when all agree, 1 otherwise.
 
 Same random draws. Batchplate's objectives are per datum, so the only thing
-that can differ between one process and ``R`` ranks is which random numbers
+that can differ between one process and `R` ranks is which random numbers
 each datum gets. The test programs draw every latent (guide particles, and
 the model's sleep-phase fantasies) from a *per-datum stream*: a
-``torch.Generator`` seeded by the datum's global dataset index. A datum's
+`torch.Generator` seeded by the datum's global dataset index. A datum's
 draws then do not depend on which rank holds it, how large the shard is, or
-its position in the batch: ``StreamNormal`` (reparameterized,
-``loc + scale * eps`` with ``eps`` from the datum's stream) and
-``StreamBernoulli`` (``u < p`` with ``u`` from the stream, scored as a usual
+its position in the batch: `StreamNormal` (reparameterized,
+`loc + scale * eps` with `eps` from the datum's stream) and
+`StreamBernoulli` (`u < p` with `u` from the stream, scored as a usual
 Bernoulli). Everything runs in float64 so that differences show the
 summation order only (about 1e-15), not float32 rounding.
 
-Failures: every collective has a timeout of half the overall ``--timeout``;
+Failures: every collective has a timeout of half the overall `--timeout`;
 the launcher kills the remaining ranks as soon as one fails, and all of them
 when the overall deadline passes, and then exits non-zero with the failing
 rank's error.
@@ -27,6 +31,7 @@ rank's error.
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import math
 import os
@@ -58,7 +63,7 @@ SEED = 12345
 
 
 class Streams:
-    """One ``torch.Generator`` per datum, seeded by the datum's global index."""
+    """One `torch.Generator` per datum, seeded by the datum's global index."""
 
     def __init__(self, seed: int = SEED) -> None:
         self.seed = seed
@@ -71,7 +76,7 @@ class Streams:
         return self.generators[index]
 
     def noise(self, idx: list[int], kind: str) -> Callable[[torch.Size], torch.Tensor]:
-        """A noise function for a site whose last batch dim holds the data ``idx``
+        """A noise function for a site whose last batch dim holds the data `idx`
         (or, with one index, a site of that single datum)."""
         draw = torch.randn if kind == "normal" else torch.rand
 
@@ -87,7 +92,7 @@ class Streams:
 
 
 class StreamNormal(pdist.Normal):
-    """``Normal(loc, scale)`` whose reparameterized draws take ``eps`` from per-datum streams."""
+    """`Normal(loc, scale)` whose reparameterized draws take `eps` from per-datum streams."""
 
     def __init__(self, loc, scale, noise: Callable, validate_args=None) -> None:
         super().__init__(loc, scale, validate_args=validate_args)
@@ -103,7 +108,7 @@ class StreamNormal(pdist.Normal):
 
 
 class StreamBernoulli(pdist.Bernoulli):
-    """``Bernoulli(logits)`` drawing ``u < p`` with ``u`` from the datum's stream."""
+    """`Bernoulli(logits)` drawing `u < p` with `u` from the datum's stream."""
 
     def __init__(self, logits, noise: Callable, validate_args=None) -> None:
         super().__init__(logits=logits, validate_args=validate_args)
@@ -119,7 +124,7 @@ class StreamBernoulli(pdist.Bernoulli):
 
 
 # ---------------------------------------------------------------------------
-# Programs: a conjugate Gaussian (vectorized and sequential) and the seed's geometric
+# Programs: a conjugate Gaussian (vectorized, sequential); Pyro issue #2220's geometric
 # ---------------------------------------------------------------------------
 
 
@@ -139,13 +144,13 @@ def make_data(nproc: int) -> Data:
     B = 4 * nproc
     batch = torch.randperm(N, generator=g)[:B]
     sizes = [4] * nproc
-    if nproc > 1:  # unequal shards, e.g. 5 and 3
+    if nproc > 1:  # unequal shards (5 and 3): equal ones would hide a wrong share f_r
         sizes[0], sizes[-1] = 5, 3
     return Data(x, obs, batch, sizes)
 
 
 def shard(data: Data, rank: int | None) -> list[int]:
-    """Global indices of rank ``rank``'s shard, or the whole batch (``rank=None``)."""
+    """Global indices of rank `rank`'s shard, or the whole batch (`rank=None`)."""
     if rank is None:
         return data.batch.tolist()
     start = sum(data.sizes[:rank])
@@ -159,7 +164,7 @@ def _plate(idx: list[int], subsample: bool, name: str = "data", dim: int | None 
 
 
 def conjugate(streams: Streams, layout: str):
-    """``w ~ N(m, 1)``, ``x | w ~ N(w, 0.75)``; guide ``N(a x + c, exp(log_r))``."""
+    """`w ~ N(m, 1)`, `x | w ~ N(w, 0.75)`; guide `N(a x + c, exp(log_r))`."""
 
     def params():
         f64 = torch.float64
@@ -206,7 +211,7 @@ def conjugate(streams: Streams, layout: str):
 
 
 def geometric(streams: Streams):
-    """The seed's program: a geometric number of Bernoulli sites per datum (dynamic)."""
+    """Pyro issue #2220's program: a geometric number of Bernoulli sites per datum (dynamic)."""
 
     def draws(prefix: str, idx: int, logits: torch.Tensor) -> int:
         g, i = 0, 0
@@ -324,7 +329,7 @@ def _params() -> dict[str, torch.Tensor]:
 
 
 def run_case(case: Case, data: Data, rank: int | None) -> dict[str, torch.Tensor]:
-    """Run ``case`` on rank ``rank``'s shard (distributed) or on the whole batch (None)."""
+    """Run `case` on rank `rank`'s shard (distributed) or on the whole batch (None)."""
     pyro.clear_param_store()
     streams = Streams()
     idx = shard(data, rank)
@@ -403,12 +408,71 @@ def _tail(path: Path, lines: int = 4) -> str:
     return "\n".join("    " + line for line in shown)
 
 
+def _start_ranks(args, port: int, out: Path) -> list:
+    """Start one worker process per rank; return `(process, stdout, stderr)` triples."""
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
+        OMP_NUM_THREADS="1",
+    )
+    procs = []
+    for rank in range(args.nproc):
+        cmd = [sys.executable, "-m", "batchplate.distributed_selftest", "--worker", str(rank)]
+        cmd += ["--nproc", str(args.nproc), "--port", str(port), "--out", str(out)]
+        cmd += ["--timeout", str(args.timeout)]
+        if args.inject:
+            cmd += ["--inject", args.inject, "--inject-rank", str(args.inject_rank)]
+        stdout = open(out / f"rank{rank}.out", "w")  # noqa: SIM115 - closed by _stop_ranks
+        stderr = open(out / f"rank{rank}.err", "w")  # noqa: SIM115
+        procs.append((subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr), stdout, stderr))
+    return procs
+
+
+def _stop_ranks(procs) -> None:
+    for proc, stdout, stderr in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        stdout.close()
+        stderr.close()
+
+
+def _reference(data: Data, procs, deadline: float) -> tuple[dict, str | None]:
+    """Run every case in this process on the whole batch; return `(results, failure)`.
+
+    The ranks are checked between cases so that a failed rank stops the run at
+    once rather than after the reference is complete.
+    """
+    torch.set_default_dtype(torch.float64)
+    reference = {}
+    for case in CASES:
+        failure = _check(procs, deadline)
+        if failure is not None:
+            return reference, failure
+        reference[case.name] = run_case(case, data, None)
+    return reference, _wait(procs, deadline)
+
+
+def _print_failure(failure: str, procs, out: Path, seconds: float) -> None:
+    print(f"selftest FAILED after {seconds:.1f} s: {failure}")
+    for rank, (proc, _, _) in enumerate(procs):
+        code = proc.returncode
+        how = "killed by the launcher" if code < 0 else f"exit code {code}"
+        print(f"  rank {rank}: {how}")
+        tail = _tail(out / f"rank{rank}.err")
+        if tail:
+            print(tail)
+
+
 def launch(args) -> int:
+    """Run the ranks and the single-process reference; compare; return the exit code."""
     torch.set_num_threads(1)
     start = time.monotonic()
     deadline = start + args.timeout
-    nproc = args.nproc
-    # This process hosts the rendezvous store on a free loopback port (port 0: the OS picks).
+    data = make_data(args.nproc)
+    # This process hosts the rendezvous store, so the ranks need no free port agreed in advance
+    # (port 0: the OS picks one).
     store = tdist.TCPStore(
         "127.0.0.1",
         0,
@@ -416,75 +480,22 @@ def launch(args) -> int:
         wait_for_workers=False,
         timeout=datetime.timedelta(seconds=args.timeout),
     )
-    env = dict(
-        os.environ,
-        MASTER_ADDR="127.0.0.1",
-        GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-        OMP_NUM_THREADS="1",
-    )
     with tempfile.TemporaryDirectory(prefix="batchplate-selftest-") as tmp:
         out = Path(tmp)
-        procs = []
-        for rank in range(nproc):
-            cmd = [
-                sys.executable,
-                "-m",
-                "batchplate.distributed",
-                "--worker",
-                str(rank),
-                "--nproc",
-                str(nproc),
-                "--port",
-                str(store.port),
-                "--timeout",
-                str(args.timeout),
-                "--out",
-                tmp,
-            ]
-            if args.inject:
-                cmd += ["--inject", args.inject, "--inject-rank", str(args.inject_rank)]
-            stdout = open(out / f"rank{rank}.out", "w")  # noqa: SIM115 - closed below
-            stderr = open(out / f"rank{rank}.err", "w")  # noqa: SIM115
-            procs.append(
-                (subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr), stdout, stderr)
-            )
+        procs = _start_ranks(args, store.port, out)
         print(
-            f"selftest: {nproc} ranks on 127.0.0.1:{store.port} (gloo), shards of "
-            f"{make_data(nproc).sizes} data, timeout {args.timeout:g} s",
+            f"selftest: {args.nproc} ranks on 127.0.0.1:{store.port} (gloo), shards of "
+            f"{data.sizes} data, timeout {args.timeout:g} s",
             flush=True,
         )
-        failure = None
         try:
-            # One process on the concatenated batch, case by case, watching the ranks
-            # in between so that a failed rank stops the run at once.
-            data = make_data(nproc)
-            torch.set_default_dtype(torch.float64)
-            reference = {}
-            for case in CASES:
-                failure = _check(procs, deadline)
-                if failure is not None:
-                    break
-                reference[case.name] = run_case(case, data, None)
-            else:
-                failure = _wait(procs, deadline)
+            reference, failure = _reference(data, procs, deadline)
         finally:
-            for proc, stdout, stderr in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                stdout.close()
-                stderr.close()
+            _stop_ranks(procs)
         if failure is not None:
-            print(f"selftest FAILED after {time.monotonic() - start:.1f} s: {failure}")
-            for rank, (proc, _, _) in enumerate(procs):
-                code = proc.returncode
-                how = "killed by the launcher" if code < 0 else f"exit code {code}"
-                print(f"  rank {rank}: {how}")
-                tail = _tail(out / f"rank{rank}.err")
-                if tail:
-                    print(tail)
+            _print_failure(failure, procs, out, time.monotonic() - start)
             return 1
-        results = [torch.load(out / f"rank{r}.pt") for r in range(nproc)]
+        results = [torch.load(out / f"rank{r}.pt") for r in range(args.nproc)]
     return _report(reference, results, args.atol, time.monotonic() - start)
 
 
@@ -534,3 +545,42 @@ def _report(reference: dict, results: list[dict], atol: float, seconds: float) -
         f"(tolerance {atol:g} x (1 + |value|)), {seconds:.1f} s"
     )
     return 0 if ok_all else 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m batchplate.distributed_selftest",
+        description="Check that data-parallel training equals one process (local gloo ranks).",
+    )
+    parser.add_argument("--nproc", type=int, default=2, help="number of local ranks")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=120.0,
+        help="overall wall-clock bound in seconds; ranks' collectives time out at half of it",
+    )
+    parser.add_argument("--atol", type=float, default=1e-9, help="allowed absolute difference")
+    parser.add_argument(
+        "--inject",
+        choices=("raise", "hang"),
+        default=None,
+        help="testing: make one rank raise or hang, to check that the run fails cleanly",
+    )
+    parser.add_argument("--inject-rank", type=int, default=1, help="the rank for --inject")
+    # The launcher starts the ranks as this same command with these hidden options.
+    parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the self-test (or, with the hidden `--worker R`, rank `R` of it)."""
+    args = _parser().parse_args(argv)
+    if args.nproc < 1:
+        raise SystemExit("--nproc must be at least 1")
+    return worker(args) if args.worker is not None else launch(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
