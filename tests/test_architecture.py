@@ -345,7 +345,14 @@ def test_no_seed_or_design_md_wording_in_files():
     offenders = []
     for path in text_files():
         text = path.read_text(encoding="utf-8", errors="replace")
-        offenders += [f"  {rel(path)}:{line}: {what!r}" for line, what in forbidden_wording(text)]
+        lines = text.splitlines()
+        hits: dict[int, list[str]] = {}
+        for line, what in forbidden_wording(text):
+            hits.setdefault(line, []).append(what)
+        offenders += [
+            f"  {rel(path)}:{line}: {', '.join(map(repr, what))} in {lines[line - 1].strip()!r}"
+            for line, what in hits.items()
+        ]
     assert not offenders, (
         'cite "Pyro issue #2220" or "the Contract page (docs/contract.md)" instead of:\n'
         + "\n".join(offenders)

@@ -24,7 +24,7 @@ import torch
 
 import batchplate
 from batchplate import BatchPlateError, batch_plate, log_weights
-from oracles import conjugate_log_weights, geometric_iwae_se, geometric_log_evidence
+from oracles import conjugate_log_weights, geometric_iwae_se, geometric_log_evidence, mc
 from programs import Conjugate, geometric_guide, geometric_model
 
 CONJ = Conjugate()
@@ -199,7 +199,7 @@ def test_subsampled_sum_estimates_full_data_sum(layout, vectorize):
     for reduction, target in [("sum", exact.sum()), ("mean", exact.mean())]:
         objective = batchplate.RenyiELBO(alpha=0, reduction=reduction, **kw)
         values = -torch.tensor([objective.loss(model, guide, x) for _ in range(draws)]).double()
-        mean, se = values.mean(), values.std() / math.sqrt(draws)
+        mean, se = mc(values)
         assert se > 0  # minibatches differ, so the estimate varies
         assert abs(mean - target) <= 4 * se, (reduction, mean, target, se)
         # Power: the estimate without N/B (or with it twice) is far away.
@@ -238,7 +238,7 @@ def test_layouts_agree_with_non_exact_guide():
             ("gap", iwae.per_datum(weights)[0] - elbo.per_datum(weights)[0]),
         ]:
             values = values.double().reshape(R, B)
-            results[name, layout, vectorize] = (values.mean(0), values.std(0) / math.sqrt(R))
+            results[name, layout, vectorize] = mc(values)
     for name in ("iwae", "elbo"):
         ref_mean, ref_se = results[name, "vectorized", True]
         # The guide is not exact: the bound is visibly below log p(x_b).
