@@ -1,4 +1,4 @@
-"""Padded traces (design.md, "Padded traces"): stochastic-length programs over all lanes.
+"""Padded traces (the Contract page, docs/contract.md): stochastic-length programs, all lanes.
 
 - On the same latent values, a padded program's per-datum log weights equal the
   sequential program's (geometric and PCFG), because finished lanes are masked.
@@ -20,9 +20,9 @@ from pyro import poutine
 
 import batchplate
 from batchplate import Lanes, LaneStack, PaddedLoopError, batch_plate
+from batchplate.draw import draw_particles
 from batchplate.examples import geometric, pcfg
 from batchplate.padded import lane_shape
-from batchplate.draw import draw_particles
 from batchplate.weights import compute_log_weights
 from programs import geometric_log_evidence
 

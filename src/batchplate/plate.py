@@ -81,14 +81,19 @@ class batch_plate(plate):
 
     Use it exactly like `pyro.plate`, in the model and in the guide:
 
-    ``python
+    ```python
     with batch_plate("data", len(x)):          # vectorized
         z = pyro.sample("z", dist.Normal(0., 1.))
         pyro.sample("x", dist.Normal(z, 1.), obs=x)
 
     for i in batch_plate("data", len(x)):      # sequential
         ...
-    ``
+    ```
+
+    Inside a batch plate, Pyro's own subsampling scale `N/B` applies as usual,
+    so stock Pyro objectives see an ordinary plate. batchplate's objectives
+    remove that scale from the per-datum log weights and apply it once in
+    `reduction="sum"`.
 
     :param name: plate name, shared by model and guide.
     :param size: size of the dataset `N` (or of the minibatch when not subsampling).
@@ -96,11 +101,6 @@ class batch_plate(plate):
     :param subsample: explicit minibatch indices (a 1-D tensor of length `B`).
     :param dim: the batch dimension, counting from the right (vectorized use).
     :param device: device of the subsample indices.
-
-    Inside a batch plate, Pyro's own subsampling scale `N/B` applies as usual,
-    so stock Pyro objectives see an ordinary plate. batchplate's objectives
-    remove that scale from the per-datum log weights and apply it once in
-    `reduction="sum"`.
     """
 
     def __init__(
@@ -122,6 +122,12 @@ class batch_plate(plate):
         super().__init__(name, size, subsample_size, subsample, dim, device=device)
 
     def __enter__(self) -> Any:
+        # A sequential plate re-enters on every iteration; its first one suffices.
+        if self.counter <= 1:
+            self._check_not_nested()
+        return super().__enter__()
+
+    def _check_not_nested(self) -> None:
         outer = next((f for f in get_plates() if isinstance(f, BatchFrame)), None)
         if outer is not None and outer.name != self.name:
             raise BatchPlateError(
@@ -129,7 +135,6 @@ class batch_plate(plate):
                 "A program has exactly one batch plate, the plate over the minibatch; "
                 "use pyro.plate for plates inside a datum."
             )
-        return super().__enter__()
 
     def _process_message(self, msg: Any) -> None:
         super()._process_message(msg)

@@ -171,7 +171,11 @@ def _reduce_pair(pair: Pair, batch: BatchInfo, K: int) -> tuple[torch.Tensor, ..
     model_trace, guide_trace = pair
     log_p = _reduce_trace(model_trace, batch, K)
     log_q = _reduce_trace(guide_trace, batch, K)
-    score = _reduce_trace(guide_trace, batch, K, score=True)
+    scale = _common_score_scale(guide_trace)
+    if scale is None:
+        score = _reduce_trace(guide_trace, batch, K, score=True)
+    else:  # the score terms are log q itself, unscaled: no op per site
+        score = log_q if scale == 1 else log_q / scale
     if log_p is None:
         log_p = torch.zeros_like(log_q)
     if log_q is None:
@@ -179,6 +183,21 @@ def _reduce_pair(pair: Pair, batch: BatchInfo, K: int) -> tuple[torch.Tensor, ..
     if batch.full_size != batch.size:
         log_p, log_q = log_p / batch.subsample_scale, log_q / batch.subsample_scale
     return log_p, log_q, score
+
+
+def _common_score_scale(trace: Trace) -> float | None:
+    """The one numeric scale of a trace whose sites are all unmasked and
+    non-reparameterized, or `None` when the sites differ in any of that."""
+    scales = set()
+    for site in trace.nodes.values():
+        if site["type"] == "sample" and contributes(site):
+            scale = site["scale"]
+            if is_reparameterized(site) or site["mask"] is not None:
+                return None
+            if isinstance(scale, torch.Tensor) or scale == 0:
+                return None
+            scales.add(scale)
+    return scales.pop() if len(scales) == 1 else None
 
 
 def _culprits(pair: Pair, batch: BatchInfo, k: int, b: int) -> list[str]:

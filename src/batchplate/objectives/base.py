@@ -66,6 +66,9 @@ class Losses:
 class BatchObjective(ELBO):
     """Base class of per-datum objectives; a drop-in for Pyro's ELBO classes.
 
+    Pyro's other ELBO keywords (`strict_enumeration_warning`,
+    `ignore_jit_warnings`, `jit_options`, `retain_graph`) are accepted.
+
     :param num_particles: `K`, particles per datum.
     :param max_plate_nesting: bound on the program's nested vectorized plates
         (the batch plate included, the particle plate not); guessed by running
@@ -76,9 +79,6 @@ class BatchObjective(ELBO):
         so plain SGD sees the per-datum gradient scale; `"sum"` returns
         `N/B` times their sum, an unbiased estimate of the whole-dataset sum
         (Pyro's convention for subsampled plates).
-
-    Pyro's other ELBO keywords (`strict_enumeration_warning`,
-    `ignore_jit_warnings`, `jit_options`, `retain_graph`) are accepted.
     """
 
     def __init__(

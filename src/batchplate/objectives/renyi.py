@@ -34,11 +34,11 @@ class RenyiELBO(BatchObjective):
     `alpha=0`). For discrete guides prefer `batchplate.VIMCO`, whose
     baseline has lower variance.
 
-    :param alpha: order of the divergence, `alpha != 1` (`0` gives IWAE).
-    :param num_particles: `K` (default 2).
-
     References: Li & Turner (2016), *Rényi divergence variational inference*;
     Burda, Grosse & Salakhutdinov (2016), *Importance weighted autoencoders*.
+
+    :param alpha: order of the divergence, `alpha != 1` (`0` gives IWAE).
+    :param num_particles: `K` (default 2).
     """
 
     def __init__(self, alpha: float = 0, num_particles: int = 2, **kwargs) -> None:

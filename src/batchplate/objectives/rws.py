@@ -41,16 +41,16 @@ class ReweightedWakeSleep(BatchObjective):
     No score-function estimator is needed for discrete latents, which makes
     RWS the method of choice for models with stochastic control flow.
 
+    References: Bornschein & Bengio (2015), *Reweighted wake-sleep*, ICLR;
+    Le, Kosiorek, Siddharth, Teh & Wood (2019), *Revisiting reweighted
+    wake-sleep for models with stochastic control flow*, UAI.
+
     :param num_particles: `K >= 2` guide particles per datum.
     :param insomnia: mixing of wake-phi (1) and sleep-phi (0), in `[0, 1]`.
     :param model_has_params: when `False` and `insomnia == 0`, the wake
         phase is skipped (Pyro's shortcut; the wake-theta loss is then NaN).
     :param num_sleep_particles: fantasies per datum slot (default `K`).
     :param vectorize_particles: vectorize particles (default `True`, as Pyro).
-
-    References: Bornschein & Bengio (2015), *Reweighted wake-sleep*, ICLR;
-    Le, Kosiorek, Siddharth, Teh & Wood (2019), *Revisiting reweighted
-    wake-sleep for models with stochastic control flow*, UAI.
     """
 
     def __init__(
@@ -104,6 +104,11 @@ class ReweightedWakeSleep(BatchObjective):
             weights = self.weigh(model, guide, args, kwargs, num_particles=S, sleep=True)
             sleep_phi = -self.reduce(weights.log_q.mean(0), weights.batch)
             warn_if_nan(sleep_phi, "sleep phi loss")
+            if wake_theta is not None and weights.batch != batch:
+                raise RuntimeError(
+                    f"the batch plate changed within one step: {batch} in the wake phase, "
+                    f"{weights.batch} in the sleep phase"
+                )
             batch = weights.batch
         if sleep_phi is None:
             phi = wake_phi
