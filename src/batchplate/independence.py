@@ -9,6 +9,7 @@ import torch
 
 from .draw import draw_particles, subsample_indices
 from .errors import BatchPlateError
+from .plate import BatchInfo
 from .weights import compute_log_weights
 
 
@@ -102,29 +103,17 @@ def check_batch_independence(
     )
     weights = compute_log_weights(particles)
     batch = weights.batch
-    subsample = subsample_indices(weights.pair[0], batch.name)
 
-    def row_of(b: int, x: torch.Tensor) -> int | None:
-        if x.shape[0] == batch.size:
-            return b
-        if subsample is not None and x.shape[0] == batch.full_size:
-            return int(subsample[b])
-        return None
-
-    checked = [(label, x) for label, x in inputs if row_of(0, x) is not None]
+    rows = _Rows(batch, subsample_indices(weights.pair[0], batch.name))
+    checked = [(label, x) for label, x in inputs if rows.of(0, x) is not None]
     if not checked:
         raise ValueError(
             f"No floating-point tensor argument has the minibatch size {batch.size} "
             f"(or the dataset size {batch.full_size}) as its leading dimension; "
             "check_batch_independence cannot tell which input belongs to which datum."
         )
-    position = {}
-    for b in range(batch.size):
-        for _, x in checked:
-            position[(id(x), row_of(b, x))] = b
-
     report = IndependenceReport(batch.size, [label for label, _ in checked])
-    report.coupled = _coupled_data(weights.log_w[0], checked, row_of, position)
+    report.coupled = _coupled_data(weights.log_w[0], checked, rows)
     if raise_error and not report.independent:
         raise BatchPlateError(
             f"Data of batch plate '{batch.name}' are coupled: a datum's log weight depends on "
@@ -136,7 +125,30 @@ def check_batch_independence(
     return report
 
 
-def _coupled_data(log_w: torch.Tensor, checked: list, row_of: Callable, position: dict) -> dict:
+class _Rows:
+    """Which input row holds datum `b`: row `b` of a `[B, ...]` input, row
+    `subsample[b]` of a `[N, ...]` one (and back, for the report)."""
+
+    def __init__(self, batch: BatchInfo, subsample: torch.Tensor | None) -> None:
+        self.batch = batch
+        self.subsample = subsample
+
+    def of(self, b: int, x: torch.Tensor) -> int | None:
+        if x.shape[0] == self.batch.size:
+            return b
+        if self.subsample is not None and x.shape[0] == self.batch.full_size:
+            return int(self.subsample[b])
+        return None
+
+    def datum(self, row: int, x: torch.Tensor) -> int:
+        """The minibatch position of input row `row` (the row itself if no datum has it)."""
+        if x.shape[0] == self.batch.size or self.subsample is None:
+            return row
+        matches = (self.subsample == row).nonzero()
+        return int(matches[0]) if len(matches) else row
+
+
+def _coupled_data(log_w: torch.Tensor, checked: list, rows: _Rows) -> dict:
     """datum -> the other data whose input rows have a non-zero derivative of its weight."""
     coupled = {}
     leaves = [x for _, x in checked]
@@ -148,8 +160,8 @@ def _coupled_data(log_w: torch.Tensor, checked: list, row_of: Callable, position
         for x, g in zip(leaves, grads, strict=True):
             if g is None:
                 continue
-            rows = (g.reshape(g.shape[0], -1) != 0).any(1).nonzero().flatten().tolist()
-            others.update(position.get((id(x), r), r) for r in rows if r != row_of(b, x))
+            nonzero = (g.reshape(g.shape[0], -1) != 0).any(1).nonzero().flatten().tolist()
+            others.update(rows.datum(r, x) for r in nonzero if r != rows.of(b, x))
         if others:
             coupled[b] = sorted(others)
     return coupled
