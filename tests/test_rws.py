@@ -140,7 +140,7 @@ class Spy:
 
     def guide(self, observations=None, size=None, subsample=None):
         x = observations["measurement"]
-        a, c, s = scale._guide_params()
+        a, c, s = scale.guide_params()
         with batch_plate("data", size or x.shape[-1], subsample=subsample):
             w = pyro.sample("weight", dist.Normal(a * x + c, s))
         self.guide_calls.append({"x": x, "weight": w, "a": a, "c": c, "scale": s})

@@ -1,10 +1,10 @@
-"""The ``batchplate`` command line.
+"""The `batchplate` command line.
 
-Each subcommand is a pair of functions registered in :data:`SUBCOMMANDS`: one
-adds the subcommand's parser and arguments, the other runs it on the parsed
-arguments and returns the exit code. ``batchplate demo`` is the tour of the
-seed's problems, ``run <example>`` trains one of :mod:`batchplate.examples`
-and ``bench`` runs the benchmarks of :mod:`batchplate.bench`.
+Each subcommand is a pair of functions registered in `SUBCOMMANDS`: one adds
+the subcommand's parser and arguments, the other runs it on the parsed
+arguments and returns the exit code. `batchplate demo` is the tour of the
+problems raised in Pyro issue #2220, `run <example>` trains one of
+`batchplate.examples` and `bench` runs the benchmarks of `batchplate.bench`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib
-import inspect
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
@@ -32,7 +31,8 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser
         "demo",
         help="stock Pyro vs batchplate vs exact values, side by side (under a minute)",
         description=(
-            "Reproduce the seed's problems on small models with exact answers: the IWAE "
+            "Reproduce the problems of Pyro issue #2220 on small models with exact answers: "
+            "the IWAE "
             "bound with a vectorized and with a sequential plate, the scale of the ELBO "
             "gradient, and the IWAE gradient of a discrete guide. Prints stock Pyro's value, "
             "batchplate's value and the exact value for each. Exits with 1 if a batchplate "
@@ -57,16 +57,12 @@ def _run_demo(args: argparse.Namespace) -> int:
 # run <example>
 # ---------------------------------------------------------------------------
 
-#: Examples known at the time of writing; any module of ``batchplate.examples``
-#: with a ``run()`` function is found by name as well.
-KNOWN_EXAMPLES = ("scale", "geometric", "gmm", "pcfg", "vae")
-
-#: ``run`` options that map onto ``run()``'s keywords (``--out`` -> ``out_dir``).
+#: `run` options that map onto `run()`'s keywords (`--out` -> `out_dir`).
 RUN_OPTIONS = ("objective", "num_particles", "batch_size", "steps", "lr", "seed")
 
 
 def available_examples() -> list[str]:
-    """Names of the modules in ``batchplate.examples`` (importable or not)."""
+    """Names of the public modules in `batchplate.examples` (importable or not)."""
     from . import examples
 
     modules = pkgutil.iter_modules(examples.__path__)
@@ -74,15 +70,15 @@ def available_examples() -> list[str]:
 
 
 def load_example(name: str):
-    """Import ``batchplate.examples.<name>``; ``LookupError`` with the choices if unknown."""
+    """Import `batchplate.examples.<name>`; `LookupError` with the choices if unknown."""
     names = available_examples()
     if not name.isidentifier() or name not in names:
         raise LookupError(
             f"unknown example {name!r}; available examples: {', '.join(names) or '(none)'}"
         )
     module = importlib.import_module(f"batchplate.examples.{name}")
-    if not callable(getattr(module, "run", None)):
-        raise LookupError(f"batchplate.examples.{name} has no run() function")
+    if not callable(getattr(module, "run", None)) or not callable(getattr(module, "Options", None)):
+        raise LookupError(f"batchplate.examples.{name} has no run() function or Options")
     return module
 
 
@@ -93,10 +89,12 @@ def _add_run(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description=(
             "Train the example batchplate.examples.EXAMPLE with a progress bar, save its "
             "plots to --out and print the summary metrics. Options not given come from the "
-            "example's DEFAULTS."
+            "example's Options (also listed in its DEFAULTS)."
         ),
     )
-    parser.add_argument("example", metavar="EXAMPLE", help=f"one of {', '.join(KNOWN_EXAMPLES)}")
+    parser.add_argument(
+        "example", metavar="EXAMPLE", help=f"one of {', '.join(available_examples())}"
+    )
     parser.add_argument("--objective", help="elbo, iwae, vimco, rws (wake-wake) or ws (wake-sleep)")
     parser.add_argument(
         "-K", "--num-particles", dest="num_particles", type=int, help="particles per datum"
@@ -122,7 +120,7 @@ def _add_run(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 
 def parse_options(pairs: Sequence[str]) -> dict:
-    """``["eval_particles=1000", "layout=sequential"]`` -> ``{"eval_particles": 1000, ...}``."""
+    """`["eval_particles=1000", "layout=sequential"]` -> `{"eval_particles": 1000, ...}`."""
     options = {}
     for pair in pairs:
         key, sep, text = pair.partition("=")
@@ -135,7 +133,7 @@ def parse_options(pairs: Sequence[str]) -> dict:
     return options
 
 
-def _format_metric(value) -> str:
+def _format_metric(value: object) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
@@ -152,22 +150,13 @@ def _run_example(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"batchplate run: {e}", file=sys.stderr)
         return 2
-    options = dict(getattr(module, "DEFAULTS", {}))
-    options.update({k: getattr(args, k) for k in RUN_OPTIONS if getattr(args, k) is not None})
-    options.update(extra)
-    objectives = getattr(module, "OBJECTIVES", None)
-    if objectives and options.get("objective") not in objectives:
-        print(
-            f"batchplate run {args.example}: unknown objective {options.get('objective')!r}; "
-            f"choose one of {', '.join(objectives)}",
-            file=sys.stderr,
-        )
-        return 2
-    options.update(out_dir=args.out, progress=not args.no_progress)
-    try:  # an option run() does not take is a usage error, not a crash inside run()
-        inspect.signature(module.run).bind(**options)
-    except TypeError as e:
-        print(f"batchplate run {args.example}: {e}", file=sys.stderr)
+    options = {k: getattr(args, k) for k in RUN_OPTIONS if getattr(args, k) is not None}
+    options.update(extra, out_dir=args.out, progress=not args.no_progress)
+    try:  # a wrong option is a usage error, not a crash inside run()
+        module.Options(**options)
+    except (TypeError, ValueError) as e:
+        message = str(e).replace(f"{module.Options.__name__}.__init__() ", "")
+        print(f"batchplate run {args.example}: {message}", file=sys.stderr)
         return 2
     metrics = module.run(**options)
     print(f"batchplate run {args.example}: plot saved to {metrics.get('plot', '(none)')}")
@@ -184,7 +173,7 @@ def _run_example(args: argparse.Namespace) -> int:
 
 
 def available_benchmarks() -> list[str]:
-    """Names of the modules in ``batchplate.bench``."""
+    """Names of the modules in `batchplate.bench`."""
     from . import bench
 
     return sorted(m.name for m in pkgutil.iter_modules(bench.__path__) if not m.ispkg)
@@ -227,7 +216,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 # The parser
 # ---------------------------------------------------------------------------
 
-#: ``name -> (add_parser, handler)``, in the order shown by ``--help``.
+#: `name -> (add_parser, handler)`, in the order shown by `--help`.
 SUBCOMMANDS: dict[
     str, tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], Handler]
 ] = {
@@ -250,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``batchplate`` console script; returns the exit code."""
+    """Entry point of the `batchplate` console script; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -62,11 +62,11 @@ def output_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def progress_bar(total: int, desc: str, progress: bool, **kwargs: Any) -> Any:
+def progress_bar(total: int, desc: str, progress: bool, mininterval: float = 0.5) -> Any:
     """A tqdm bar, silent when `progress` is false (tests, sweeps)."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=desc, disable=not progress, mininterval=0.5, **kwargs)
+    return tqdm(total=total, desc=desc, disable=not progress, mininterval=mininterval)
 
 
 def pyplot() -> Any:
