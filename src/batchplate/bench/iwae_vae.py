@@ -41,6 +41,8 @@ from torch import nn
 import batchplate
 from batchplate import batch_plate
 
+from . import timing
+
 X_DIM, H_DIM, Z_DIM = 784, 400, 20  # defaults; --sizes changes them
 
 
@@ -253,30 +255,18 @@ def main(
     try:
         pyro.clear_param_store()
         g = torch.Generator().manual_seed(seed)
-        x_dim, h_dim, z_dim = sizes
-        data = torch.bernoulli(torch.full((8 * batch_size, x_dim), 0.3), generator=g)
+        data = torch.bernoulli(torch.full((8 * batch_size, sizes[0]), 0.3), generator=g)
         batches = list(data.split(batch_size))
         step_fns = build(particles, sizes, 1e-3, seed)
         if only:
             step_fns = {name: step_fns[name] for name in only}
-        names = list(step_fns)
 
-        print(
-            f"VAE {x_dim}->{h_dim}->{z_dim}, Bernoulli likelihood, B={batch_size}, "
-            f"K={particles}, vectorized; torch {torch.__version__}, pyro {pyro.__version__}, "
-            f"batchplate {batchplate.__version__}, python {platform.python_version()}, "
-            f"{torch.get_num_threads()} thread(s), validation {'on' if validation else 'off'}",
-            file=file,
-        )
+        print(_header(sizes, batch_size, particles, validation), file=file)
         for name, step in step_fns.items():
             time_steps(step, batches, warmup, 0)
             print(f"  warm-up {name}: loss {step(batches[0]):.1f}", file=file)
-
-        times: dict[str, list[float]] = {name: [] for name in names}
-        for r in range(rounds):
-            order = names[r % len(names) :] + names[: r % len(names)]
-            for name in order:
-                times[name].append(time_steps(step_fns[name], batches, steps, r * steps))
+        calls = {name: _batch_step(step, batches) for name, step in step_fns.items()}
+        times = timing.interleaved(calls, rounds, per_round=steps)
         rows = summarize(times)
         print(file=file)
         print(format_report(times, rows, steps), file=file)
@@ -285,6 +275,20 @@ def main(
         torch.set_num_threads(old_threads)
         pyro.enable_validation(old_validation)
         pyro.clear_param_store()
+
+
+def _header(sizes: tuple, batch_size: int, particles: int, validation: bool) -> str:
+    x_dim, h_dim, z_dim = sizes
+    return (
+        f"VAE {x_dim}->{h_dim}->{z_dim}, Bernoulli likelihood, B={batch_size}, "
+        f"K={particles}, vectorized; torch {torch.__version__}, pyro {pyro.__version__}, "
+        f"batchplate {batchplate.__version__}, python {platform.python_version()}, "
+        f"{torch.get_num_threads()} thread(s), validation {'on' if validation else 'off'}"
+    )
+
+
+def _batch_step(step: Callable, batches: list[torch.Tensor]) -> Callable[[int], object]:
+    return lambda i: step(batches[i % len(batches)])
 
 
 def cli(argv: list[str] | None = None) -> list[dict]:
