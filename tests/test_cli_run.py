@@ -130,6 +130,12 @@ def test_unknown_objective_is_a_clear_error():
     assert "unknown objective 'nope'" in err and "iwae" in err
 
 
+def test_unknown_choice_is_a_clear_error():
+    code, out, err = _cli(["run", "geometric", "-o", "form=nope", "--steps", "1"])
+    assert code == 2 and out == ""
+    assert "unknown form 'nope'" in err and "padded" in err
+
+
 def test_options_parse_as_literals():
     assert cli.parse_options(["a=3", "b=0.5", "c=sequential", "d=True"]) == {
         "a": 3,

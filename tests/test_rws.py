@@ -1,7 +1,7 @@
 """Reweighted wake-sleep per datum (issue 3): exact values, gradients, sleep, learning.
 
-Exact values come from the conjugate Gaussian of design.md: with the exact
-posterior as guide every log weight equals ``log p(x_b)``, so the wake-theta
+Exact values come from the conjugate Gaussian (docs/contract.md): with the
+exact posterior as guide every log weight equals ``log p(x_b)``, so the wake-theta
 loss is ``-mean_b log p(x_b)`` for any ``K`` and any way of writing the program.
 Statistical checks use fixed seeds and tolerances of a few Monte Carlo
 standard errors, measured from replicates.
@@ -74,7 +74,7 @@ def test_one_particle_is_refused_with_a_clear_error():
 
 
 def _param_guide(a0: float, c0: float, scale0: float):
-    """The seed's amortized guide ``N(a x + c, scale)``, starting at given values."""
+    """The scale example's amortized guide ``N(a x + c, scale)``, starting at given values."""
 
     def guide(x):
         a = pyro.param("a", torch.tensor(a0))

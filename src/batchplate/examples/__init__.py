@@ -1,3 +1,8 @@
-"""Runnable examples. Each module has ``NAME``, ``OBJECTIVES``, ``DEFAULTS`` and
-``run(*, objective, num_particles, batch_size, steps, lr, seed, out_dir, progress, **options)``,
-which ``batchplate run <name>`` calls."""
+"""Runnable examples, each trained by `batchplate run <name>`.
+
+Each public module has `NAME`, `OBJECTIVES`, an `Options` dataclass (the
+keywords of its `run()` with their defaults, also listed in `DEFAULTS`) and
+`run(**options)`, which trains, saves the figures under `out_dir` and returns
+the metrics. Private modules (`_runner`, `_common`, `_*_programs`,
+`_pcfg_grammar`) hold what the examples share and their larger pieces.
+"""
