@@ -15,6 +15,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 
 from . import __version__
 
@@ -69,7 +70,7 @@ def available_examples() -> list[str]:
     return sorted(m.name for m in modules if not m.ispkg and not m.name.startswith("_"))
 
 
-def load_example(name: str):
+def load_example(name: str) -> ModuleType:
     """Import `batchplate.examples.<name>`; `LookupError` with the choices if unknown."""
     names = available_examples()
     if not name.isidentifier() or name not in names:

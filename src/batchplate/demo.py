@@ -62,27 +62,27 @@ def _gaussian_guide_params() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return a, c, log_scale
 
 
-def model(x: torch.Tensor, plate=batch_plate) -> None:
+def model(x: torch.Tensor, plate: Callable = batch_plate) -> None:
     """Vectorized: `plate` is `pyro.plate` (stock) or `batch_plate`."""
     with plate("data", len(x)):
         w = pyro.sample("w", dist.Normal(PRIOR_LOC, PRIOR_SCALE))
         pyro.sample("x", dist.Normal(w, OBS_SCALE), obs=x)
 
 
-def guide(x: torch.Tensor, plate=batch_plate) -> None:
+def guide(x: torch.Tensor, plate: Callable = batch_plate) -> None:
     a, c, log_scale = _gaussian_guide_params()
     with plate("data", len(x)):
         pyro.sample("w", dist.Normal(a * x + c, log_scale.exp()))
 
 
-def sequential_model(x: torch.Tensor, plate=batch_plate) -> None:
+def sequential_model(x: torch.Tensor, plate: Callable = batch_plate) -> None:
     """Sequential: one site per datum, as programs with stochastic control flow need."""
     for i in plate("data", len(x)):
         w = pyro.sample(f"w_{i}", dist.Normal(PRIOR_LOC, PRIOR_SCALE))
         pyro.sample(f"x_{i}", dist.Normal(w, OBS_SCALE), obs=x[i])
 
 
-def sequential_guide(x: torch.Tensor, plate=batch_plate) -> None:
+def sequential_guide(x: torch.Tensor, plate: Callable = batch_plate) -> None:
     a, c, log_scale = _gaussian_guide_params()
     for i in plate("data", len(x)):
         pyro.sample(f"w_{i}", dist.Normal(a * x[i] + c, log_scale.exp()))
@@ -128,14 +128,14 @@ MU0, MU1, SIGMA = -1.0, 1.5, 1.0
 BERNOULLI_X, PRIOR_LOGIT, GUIDE_LOGIT, BERNOULLI_K = -2.0, -1.0, 1.0, 3
 
 
-def bernoulli_model(x: torch.Tensor, plate=batch_plate) -> None:
+def bernoulli_model(x: torch.Tensor, plate: Callable = batch_plate) -> None:
     theta = pyro.param("prior_logit", torch.tensor(PRIOR_LOGIT))
     with plate("data", len(x)):
         z = pyro.sample("z", dist.Bernoulli(logits=theta))
         pyro.sample("x", dist.Normal(MU0 + (MU1 - MU0) * z, SIGMA), obs=x)
 
 
-def bernoulli_guide(x: torch.Tensor, plate=batch_plate) -> None:
+def bernoulli_guide(x: torch.Tensor, plate: Callable = batch_plate) -> None:
     phi = pyro.param("guide_logit", torch.tensor(GUIDE_LOGIT))
     with plate("data", len(x)):
         pyro.sample("z", dist.Bernoulli(logits=phi))

@@ -174,7 +174,9 @@ class PCFG:
         stack.push(t["left"][a, r], where=lanes.active & binary)
         return pointer
 
-    def model_padded(self, sentences, lengths, observations=None) -> None:
+    def model_padded(
+        self, sentences: torch.Tensor, lengths: torch.Tensor, observations: dict | None = None
+    ) -> None:
         t = tables(sentences.device)
         log_probs, log_z, emit = self._model_terms(sentences.device)
         with batch_plate("data", len(sentences)):
@@ -198,7 +200,9 @@ class PCFG:
             # Expanded to the lanes: a factor's (empty) value then has the batch dim.
             pyro.factor("trunc", -log_z.expand(lanes.shape))
 
-    def guide_padded(self, sentences, lengths, observations=None) -> None:
+    def guide_padded(
+        self, sentences: torch.Tensor, lengths: torch.Tensor, observations: dict | None = None
+    ) -> None:
         t = tables(sentences.device)
         net = pyro.module("pcfg_guide", self.net)
         h0 = net.encode(sentences)
@@ -230,7 +234,9 @@ class PCFG:
                 f"derivation of datum {b} exceeded max_steps={self.max_steps}"
             )
 
-    def model_sequential(self, sentences, lengths, observations=None) -> None:
+    def model_sequential(
+        self, sentences: torch.Tensor, lengths: torch.Tensor, observations: dict | None = None
+    ) -> None:
         t = tables(sentences.device)
         log_probs, log_z, emit = self._model_terms(sentences.device)
         for b in batch_plate("data", len(sentences)):
@@ -251,7 +257,9 @@ class PCFG:
             pyro.sample(f"{b}_end", dist.Categorical(logits=emit[END]), obs=end)
             pyro.factor(f"{b}_trunc", -log_z)
 
-    def guide_sequential(self, sentences, lengths, observations=None) -> None:
+    def guide_sequential(
+        self, sentences: torch.Tensor, lengths: torch.Tensor, observations: dict | None = None
+    ) -> None:
         device = sentences.device
         t = tables(device)
         net = pyro.module("pcfg_guide", self.net)
