@@ -1,17 +1,10 @@
 """The astronomers grammar of the PCFG example: its tables, the exact dynamic
 programs over it, and sampling and padding of its sentences.
 
-The grammar, with its true production probabilities:
-
-```text
-S  -> NP VP 1.0         PP -> P NP 1.0          P -> with 1.0   V -> saw 1.0
-VP -> V NP 0.7 | VP PP 0.3
-NP -> NP PP 0.4 | astronomers 0.1 | ears 0.18 | saw 0.04 | stars 0.18
-    | telescopes 0.1
-```
-
-Productions are indexed `[nonterminal, r]`, padded to `R` per nonterminal;
-tokens are the indices of `WORDS`, with `END` the end-of-sentence token.
+The grammar and its true production probabilities are `RULES` (drawn in the
+`batchplate.examples.pcfg` docstring). Productions are indexed
+`[nonterminal, r]`, padded to `R` per nonterminal; tokens are the indices of
+`WORDS`, with `END` the end-of-sentence token.
 """
 
 from __future__ import annotations
