@@ -109,13 +109,11 @@ def _datum_term(site: dict, score: bool) -> torch.Tensor:
     Plate scales (`N/B`) stay in; the caller divides them out once.
     """
     dim = particle_dim(site)
-    if score:
-        value = score_log_prob(site)
-    elif dim is None:
-        return site["log_prob_sum"]  # computed by Pyro with the log prob: no new op
-    else:
-        value = site["log_prob"]
-    return value.sum() if dim is None else to_kb(value, dim, None).reshape(-1)
+    value = score_log_prob(site) if score else site["log_prob"]
+    if dim is not None:
+        return to_kb(value, dim, None).reshape(-1)
+    # Not Pyro's `log_prob_sum`: its NaN hooks would run in every backward pass.
+    return value if value.dim() == 0 else value.sum()
 
 
 # -- a trace's [K, B] -----------------------------------------------------------------
