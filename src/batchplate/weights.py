@@ -46,6 +46,8 @@ class LogWeights:
     pair: Pair | None = None
     """The one trace pair holding every particle (vectorized particles), for
     estimators that look inside a datum; `None` for one pair per particle."""
+    extra: torch.Tensor | None = None
+    """`[K, B]`: the estimator's own per-pair term (see `compute_log_weights`)."""
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -103,49 +105,58 @@ def to_kb(value: torch.Tensor, particle: int | None, batch: int | None) -> torch
     return value.reshape(shape)
 
 
-def _datum_term(site: dict, score: bool) -> torch.Tensor:
-    """A site's total in its datum (sequential plate): `[]`, or `[K]` with particles.
-
-    Plate scales (`N/B`) stay in; the caller divides them out once.
-    """
+def _datum_total(value: torch.Tensor, site: dict) -> torch.Tensor:
+    """A site's term summed within its datum (sequential plate): `[]`, or `[K]`."""
     dim = particle_dim(site)
-    value = score_log_prob(site) if score else site["log_prob"]
     if dim is not None:
         return to_kb(value, dim, None).reshape(-1)
-    # Not Pyro's `log_prob_sum`: its NaN hooks would run in every backward pass.
     return value if value.dim() == 0 else value.sum()
 
 
-# -- a trace's [K, B] -----------------------------------------------------------------
+# -- sites to [K, B] -----------------------------------------------------------------
+
+
+def reduce_sites(
+    sites: list[dict], batch: BatchInfo, K: int, term: Callable[[dict], torch.Tensor]
+) -> torch.Tensor | None:
+    """`[K, B]`: `term(site)` (a tensor shaped like the site's log prob) summed per
+    datum over `sites`, in the batch plate's layout; `None` without sites.
+
+    The building block of the weights and of estimators that need per-site terms
+    (score functions, analytic KL, baselines).
+    """
+    if not sites:
+        return None
+    if batch.vectorized:
+        total = sum(to_kb(term(site), particle_dim(site), batch.dim) for site in sites)
+        return total.expand(K, batch.size)
+    # One scatter per trace, not one add per site: sequential plates have many sites.
+    # (Site log probs, not Pyro's `log_prob_sum`: its NaN hooks would run in every
+    # backward pass.)
+    terms = torch.stack([_datum_total(term(site), site) for site in sites])
+    index = torch.tensor([batch_frame(site).datum for site in sites], device=terms.device)
+    per_datum = terms.new_zeros((batch.size, *terms.shape[1:]))
+    per_datum.index_add_(0, index, terms)
+    return per_datum.reshape(batch.size, -1).T.expand(K, batch.size)
+
+
+def density_sites(trace: Trace) -> list[dict]:
+    """The sample sites that carry a density (not subsample or deterministic sites)."""
+    return [s for s in trace.nodes.values() if s["type"] == "sample" and contributes(s)]
 
 
 def _reduce_trace(
     trace: Trace, batch: BatchInfo, K: int, score: bool = False
 ) -> torch.Tensor | None:
-    """`[K, B]`: the trace's sites summed per datum (`None` without sites).
+    """`[K, B]`: the trace's log probs summed per datum (`None` without sites).
 
     `score=True` sums the score-function terms of non-reparameterized sites.
     The batch plate's `N/B` stays in the log-prob terms.
     """
-    sites = [
-        site
-        for site in trace.nodes.values()
-        if site["type"] == "sample"
-        and contributes(site)
-        and not (score and is_reparameterized(site))
-    ]
-    if not sites:
-        return None
-    if batch.vectorized:
-        term = score_log_prob if score else _log_prob
-        total = sum(to_kb(term(site), particle_dim(site), batch.dim) for site in sites)
-        return total.expand(K, batch.size)
-    # One scatter per trace, not one add per site: sequential plates have many sites.
-    terms = torch.stack([_datum_term(site, score) for site in sites])
-    index = torch.tensor([batch_frame(site).datum for site in sites], device=terms.device)
-    per_datum = terms.new_zeros((batch.size, *terms.shape[1:]))
-    per_datum.index_add_(0, index, terms)
-    return per_datum.reshape(batch.size, -1).T.expand(K, batch.size)
+    sites = density_sites(trace)
+    if score:
+        sites = [site for site in sites if not is_reparameterized(site)]
+    return reduce_sites(sites, batch, K, score_log_prob if score else _log_prob)
 
 
 def _log_prob(site: dict) -> torch.Tensor:
@@ -225,24 +236,34 @@ def _check_finite(rows: tuple, pair: Pair, batch: BatchInfo, first_particle: int
     raise non_finite_error(log_w, culprits, batch, subsample, first_particle)
 
 
-def compute_log_weights(particles: Particles) -> LogWeights:
+#: An estimator's own per-pair term: `(pair, batch, K) -> [K, B]`, computed while
+#: the pair's traces are alive (per-particle traces are dropped once reduced).
+PairTerm = Callable[[Pair, BatchInfo, int], torch.Tensor]
+
+
+def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> LogWeights:
     """Reduce drawn, checked particles to `LogWeights`.
 
     Per-particle pairs are reduced as they are drawn and then dropped, so the
-    `K` traces are never alive at once.
+    `K` traces are never alive at once. `extra`, if given, is evaluated on every
+    pair and concatenated over particles into `LogWeights.extra`.
     """
     K = particles.num_particles if particles.vectorized else 1
-    rows, pair = [], None
+    rows, extras, pair = [], [], None
     for pair in particles.pairs:
         batch = pair_batch(pair)
         reduced = _reduce_pair(pair, batch, K)
         _check_finite(reduced, pair, batch, first_particle=len(rows))
         rows.append(reduced)
+        if extra is not None:
+            extras.append(extra(pair, batch, K))
     log_p, log_q = (torch.cat([row[i] for row in rows]) for i in (0, 1))
     score_log_q = None
     if any(row[2] is not None for row in rows):  # dynamic programs: in some particles only
         score_log_q = torch.cat([_or_zeros(row[2], row[0]) for row in rows])
-    return LogWeights(log_p, log_q, score_log_q, batch, pair if particles.vectorized else None)
+    weights = LogWeights(log_p, log_q, score_log_q, batch, pair if particles.vectorized else None)
+    weights.extra = torch.cat(extras) if extras else None
+    return weights
 
 
 def _or_zeros(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pyro.util import warn_if_nan
 
 from ..draw import draw_particles, plate_nesting
 from ..plate import BatchInfo
-from ..weights import LogWeights, compute_log_weights
+from ..weights import LogWeights, PairTerm, compute_log_weights
 
 REDUCTIONS = ("mean", "sum")
 
@@ -132,11 +132,13 @@ class BatchObjective(ELBO):
         num_particles: int | None = None,
         sleep: bool = False,
         detach_guide: bool = False,
+        extra: PairTerm | None = None,
     ) -> LogWeights:
         """Draw `num_particles` (default `K`) particles and reduce them to `[K, B]` weights.
 
         `sleep` and `detach_guide` select reweighted wake-sleep's phases (see
-        `batchplate.draw.draw_particles`).
+        `batchplate.draw.draw_particles`); `extra` is an estimator's own per-pair
+        term (see `batchplate.weights.compute_log_weights`).
         """
         K = self.num_particles if num_particles is None else num_particles
         vectorize = self.vectorize_particles and K > 1
@@ -153,7 +155,7 @@ class BatchObjective(ELBO):
             sleep=sleep,
             detach_guide=detach_guide,
         )
-        return compute_log_weights(particles)
+        return compute_log_weights(particles, extra)
 
     def reduce(self, per_datum: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
         """Mean over the batch, or `N/B` times the sum."""
