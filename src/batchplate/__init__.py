@@ -7,7 +7,7 @@ and guides that couple data points are caught.
 """
 
 from .errors import BatchPlateError
-from .evaluate import log_evidence
+from .evaluate import log_evidence, replay_latents
 from .independence import IndependenceReport, check_batch_independence
 from .objectives import VIMCO, BatchObjective, RenyiELBO, ReweightedWakeSleep, Trace_ELBO
 from .padded import Lanes, LaneStack, PaddedLoopError
@@ -33,4 +33,5 @@ __all__ = [
     "check_batch_independence",
     "log_evidence",
     "log_weights",
+    "replay_latents",
 ]

@@ -3,12 +3,32 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
+from pyro import poutine
+from pyro.poutine import Trace
 
 from .draw import draw_particles, plate_nesting, subsample_trace
 from .weights import compute_log_weights
+
+
+def replay_latents(guide: Callable, values: Mapping[str, torch.Tensor]) -> Callable:
+    """The guide with its latent sites fixed to `values`, still as draws of the guide.
+
+    The documented way to weigh a (model, guide) pair at given latent values:
+    `log_weights(model, replay_latents(guide, values), x)` scores
+    `log p(x, z) - log q(z | x)` at `z = values`. Conditioning the guide
+    (`poutine.condition`) would make its sites observations, which the strict
+    model/guide matching rejects: an observed guide site is almost always a bug.
+
+    :param guide: the guide program.
+    :param values: site name -> value, for any subset of the guide's latent sites.
+    """
+    trace = Trace()
+    for name, value in values.items():
+        trace.add_node(name, type="sample", name=name, is_observed=False, value=value, infer={})
+    return poutine.replay(guide, trace=trace)
 
 
 @torch.no_grad()

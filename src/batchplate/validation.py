@@ -10,6 +10,7 @@ not as a bare shape mismatch.
 
 from __future__ import annotations
 
+import difflib
 from typing import TYPE_CHECKING
 
 import torch
@@ -44,13 +45,23 @@ def same_plate(a: BatchFrame, b: BatchFrame) -> bool:
 
 
 def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float) -> None:
-    """Raise on the first structural rule the scored (model, guide) pair breaks."""
+    """Raise on the first structural rule the scored (model, guide) pair breaks.
+
+    Strict matching (model and guide agree on every latent site, its plates and
+    its observed status) runs whether or not Pyro's validation is on: a
+    mismatch changes the number, not just its variance.
+    """
     first: Located | None = None
     model_data: set[int] = set()
+    # (role, observed) -> site names: one set insertion per site, compared once below.
+    names: dict[tuple[str, bool], set[str]] = {
+        key: set() for key in (("model", False), ("model", True), ("guide", False), ("guide", True))
+    }
     for role, trace in (("model", model_trace), ("guide", guide_trace)):
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or not contributes(site):
                 continue
+            names[role, bool(site["is_observed"])].add(name)
             frame = _site_frame(site, role, model_trace)
             if first is None:
                 first = (frame, role, name)
@@ -67,11 +78,97 @@ def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float)
             "The model and guide have no sample sites: there is nothing to weigh. "
             "Put the model's observations inside a batch_plate."
         )
+    check_match(names, model_trace)
     batch = BatchInfo.of(first[0])
     if not batch.vectorized:
         check_sequential_coverage(batch, model_data, "model")
     if is_validation_enabled():
         _check_pyro_rules(model_trace, guide_trace, max_plate_nesting)
+
+
+def check_match(names: dict[tuple[str, bool], set[str]], model_trace: Trace) -> None:
+    """Strict matching: the guide samples exactly the model's latent sites.
+
+    Each way of breaking it returns a number that weighs the wrong thing: a
+    model latent the guide misses is drawn from the prior and weighed as if
+    the guide had proposed it, an extra guide site adds `-log q` with no
+    `log p`, and an observed guide site adds a density of a value the guide
+    did not draw.
+    """
+    model_latent, model_observed = names["model", False], names["model", True]
+    guide_latent, guide_observed = names["guide", False], names["guide", True]
+    if guide_observed:
+        raise guide_observes_error(sorted(guide_observed), model_latent)
+    if model_latent == guide_latent:  # the common case: one set comparison per step
+        return
+    sampled_observed = sorted(guide_latent & model_observed)
+    if sampled_observed:
+        raise BatchPlateError(
+            f"guide site '{sampled_observed[0]}' is sampled in the guide but observed in the "
+            "model: its value is data, which the guide must not draw (it would replace the "
+            f"observation). Remove '{sampled_observed[0]}' from the guide."
+        )
+    extra = sorted(guide_latent - model_latent)
+    missing = sorted(model_latent - guide_latent)
+    enumerated = [n for n in missing if _is_enumerated(model_trace.nodes[n])]
+    if enumerated and len(enumerated) == len(missing) and not extra:
+        raise BatchPlateError(
+            f"model sites {enumerated} are marked for enumeration "
+            "(infer={'enumerate': 'parallel'} or config_enumerate), which batchplate's "
+            "objectives do not support yet: they would be drawn from the prior and weighed as "
+            "if the guide had proposed them. Sample them in the guide, or use Pyro's "
+            "TraceEnum_ELBO."
+        )
+    raise mismatch_error(extra, missing)
+
+
+def _is_enumerated(site: dict) -> bool:
+    return site["infer"].get("enumerate") is not None
+
+
+def guide_observes_error(observed: list[str], model_latent: set[str]) -> BatchPlateError:
+    """A guide site with `obs=` (or conditioned): `log q` would score a value it did not draw."""
+    name = observed[0]
+    kind = "a latent site of the model" if name in model_latent else "not a latent of the model"
+    return BatchPlateError(
+        f"guide site '{name}' is observed (obs= or poutine.condition), and is {kind}. A guide "
+        "proposes the latents; an observed guide site adds log q of a value the guide did not "
+        f"draw, and the weights are wrong. Remove obs= from '{name}' in the guide (observations "
+        "belong in the model). To weigh model and guide at given latent values, use "
+        "batchplate.replay_latents(guide, values) instead of conditioning the guide."
+    )
+
+
+def mismatch_error(extra: list[str], missing: list[str]) -> BatchPlateError:
+    """Model latents the guide does not sample, or guide sites the model does not have."""
+    parts = []
+    if extra:
+        hint = _nearest(extra[0], missing)
+        parts.append(
+            f"guide sites {_shown(extra)} are not latent sites of the model{hint}: each adds "
+            "-log q with no log p, or the model never sees the value"
+        )
+    if missing:
+        hint = _nearest(missing[0], extra)
+        parts.append(
+            f"model latent sites {_shown(missing)} are not sampled by the guide{hint}: they "
+            "would be drawn from the prior and weighed as if the guide had proposed them"
+        )
+    return BatchPlateError(
+        "Model and guide disagree on the latent sites: "
+        + "; ".join(parts)
+        + ". The guide must sample every latent site of the model, under the same name "
+        "(check for typos and for poutine.block around a site), and nothing else."
+    )
+
+
+def _nearest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=1)
+    return f" (did you mean '{close[0]}' for '{name}'?)" if close else ""
+
+
+def _shown(names: list[str]) -> list:
+    return names if len(names) <= 10 else names[:10] + ["..."]
 
 
 def _check_pyro_rules(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float) -> None:
@@ -108,6 +205,14 @@ def _check_guide_site(site: dict, frame: BatchFrame, model_trace: Trace) -> None
     name = site["name"]
     if not same_plate(model_frame, frame):
         raise plates_disagree_error((model_frame, "model", name), (frame, "guide", name))
+    plates = {f.name for f in site["cond_indep_stack"]}
+    model_plates = {f.name for f in model_site["cond_indep_stack"]}
+    if plates != model_plates:
+        raise BatchPlateError(
+            f"site '{name}' lies in plates {sorted(model_plates)} in the model but "
+            f"{sorted(plates)} in the guide. A site must lie in the same plates in model and "
+            f"guide: wrap the guide's '{name}' in the model's plates (same names and dims)."
+        )
     if not frame.vectorized and model_frame.counter != frame.counter:
         raise BatchPlateError(
             f"guide site '{name}' is drawn at datum {frame.datum} of "
