@@ -11,6 +11,7 @@ place that finds it.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +21,17 @@ from pyro.poutine.runtime import get_plates
 from pyro.primitives import plate
 
 from .errors import BatchPlateError
+
+# Set by `batchplate.autobatch` while its lanes run: maps a sequential batch
+# plate to the minibatch position of the running lane's datum (`None` outside
+# lanes). A hook, not an import, so the plate does not depend on autobatch.
+LaneHook = Callable[["batch_plate"], int | None]
+_lane_hook: list[LaneHook] = []
+
+
+def set_lane_hook(hook: LaneHook | None) -> None:
+    """Install (or, with `None`, remove) autobatch's lane hook."""
+    _lane_hook[:] = [] if hook is None else [hook]
 
 
 class BatchFrame(CondIndepStackFrame):
@@ -76,6 +88,64 @@ class BatchInfo:
         return f"batch_plate('{self.name}', {size}; {kind})"
 
 
+def check_positive_int(name: str, value: object) -> int:
+    """`value` as a positive `int`; bools and floats are refused, not truncated."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BatchPlateError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_subsample(name: str, size: int, subsample: torch.Tensor) -> None:
+    """Explicit minibatch indices: a 1-D integer tensor of distinct indices in `[0, size)`.
+
+    A duplicated index weighs one datum twice, an out-of-range one indexes
+    another datum (or none) while `N/B` still counts it.
+    """
+    where = f"batch_plate('{name}', size={size}, subsample=...)"
+    if not isinstance(subsample, torch.Tensor) or subsample.dim() != 1:
+        raise BatchPlateError(f"{where}: subsample must be a 1-D tensor of dataset indices")
+    if subsample.dtype.is_floating_point or subsample.dtype.is_complex:
+        raise BatchPlateError(
+            f"{where}: subsample must hold integer indices, got dtype {subsample.dtype}; "
+            "use torch.long indices (e.g. torch.randperm(size)[:B])"
+        )
+    if subsample.numel() == 0:
+        raise BatchPlateError(f"{where}: subsample is empty; a minibatch needs at least one datum")
+    low, high = int(subsample.min()), int(subsample.max())
+    if low < 0 or high >= size:
+        raise BatchPlateError(
+            f"{where}: subsample indices must lie in [0, {size}), got min {low}, max {high}"
+        )
+    if subsample.unique().numel() != subsample.numel():
+        raise BatchPlateError(
+            f"{where}: subsample has duplicated indices; each datum of a minibatch must be "
+            "distinct (a repeated index weighs one datum twice)"
+        )
+
+
+def _check_sizes(
+    name: str, size: object, subsample_size: object, subsample: torch.Tensor | None
+) -> None:
+    """Refuse sizes Pyro would turn into a `ZeroDivisionError`, a misleading
+    model/guide message or a silently wrong minibatch."""
+    check_positive_int(f"batch_plate('{name}') size", size)
+    if subsample_size is not None:
+        check_positive_int(f"batch_plate('{name}') subsample_size", subsample_size)
+        if subsample_size > size:
+            raise BatchPlateError(
+                f"batch_plate('{name}', size={size}, subsample_size={subsample_size}): the "
+                "minibatch cannot be larger than the dataset; use subsample_size <= size "
+                "(or leave it out to use every datum)"
+            )
+    if subsample is not None:
+        check_subsample(name, size, subsample)
+        if subsample_size is not None and subsample_size != len(subsample):
+            raise BatchPlateError(
+                f"batch_plate('{name}'): subsample_size={subsample_size} but "
+                f"subsample has {len(subsample)} indices"
+            )
+
+
 class batch_plate(plate):
     """Mark the plate over the data of a minibatch.
 
@@ -117,6 +187,7 @@ class batch_plate(plate):
                 f"batch_plate('{name}') needs a size: the number of data N in the dataset "
                 "(or in the minibatch, when not subsampling)."
             )
+        _check_sizes(name, size, subsample_size, subsample)
         if isinstance(device, torch.device):
             device = str(device)
         super().__init__(name, size, subsample_size, subsample, dim, device=device)
@@ -126,6 +197,31 @@ class batch_plate(plate):
         if self.counter <= 1:
             self._check_not_nested()
         return super().__enter__()
+
+    @property
+    def datum(self) -> int:
+        """Position in the minibatch of the current iteration's datum (sequential use).
+
+        Use it instead of counting iterations (`enumerate`): under autobatch a
+        lane's loop runs one iteration, that of its own datum.
+        """
+        return self.counter - 1
+
+    def __iter__(self) -> Iterator[Any]:
+        position = _lane_hook[0](self) if _lane_hook else None
+        if position is None:
+            yield from super().__iter__()
+            return
+        # An autobatch lane: one iteration, its datum's, exactly as Pyro's loop
+        # would run it (same frame counter, hence the same `BatchFrame.datum`).
+        if self._vectorized is True or self.dim is not None:
+            raise ValueError(f"cannot use plate {self.name} as both vectorized and sequential")
+        self._vectorized, self.dim = False, None
+        index = self.indices[position]
+        self.counter = position
+        self.next_context()
+        with self:
+            yield index.item() if isinstance(index, torch.Tensor) else index
 
     def _check_not_nested(self) -> None:
         outer = next((f for f in get_plates() if isinstance(f, BatchFrame)), None)

@@ -11,6 +11,7 @@ not as a bare shape mismatch.
 from __future__ import annotations
 
 import difflib
+import math
 from typing import TYPE_CHECKING
 
 import torch
@@ -109,16 +110,12 @@ def check_match(names: dict[tuple[str, bool], set[str]], model_trace: Trace) -> 
             f"observation). Remove '{sampled_observed[0]}' from the guide."
         )
     extra = sorted(guide_latent - model_latent)
-    missing = sorted(model_latent - guide_latent)
-    enumerated = [n for n in missing if _is_enumerated(model_trace.nodes[n])]
-    if enumerated and len(enumerated) == len(missing) and not extra:
-        raise BatchPlateError(
-            f"model sites {enumerated} are marked for enumeration "
-            "(infer={'enumerate': 'parallel'} or config_enumerate), which batchplate's "
-            "objectives do not support yet: they would be drawn from the prior and weighed as "
-            "if the guide had proposed them. Sample them in the guide, or use Pyro's "
-            "TraceEnum_ELBO."
-        )
+    # Sites the model enumerates are summed out exactly, not proposed by the guide.
+    missing = sorted(
+        n for n in model_latent - guide_latent if not _is_enumerated(model_trace.nodes[n])
+    )
+    if not (extra or missing):
+        return
     raise mismatch_error(extra, missing)
 
 
@@ -353,3 +350,97 @@ def event_over_batch_error(role: str, name: str, site: dict, batch: BatchInfo) -
         "datum); if every datum really observes the same value, expand it to the batch "
         "(obs=value.expand(B, ...))."
     )
+
+
+# -- inputs, losses and gradients -------------------------------------------------
+# (check_positive_int and check_subsample live in plate.py: batch_plate needs them.)
+
+
+def check_alpha(alpha: object) -> float:
+    """A Rényi order: a finite real number other than 1."""
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise BatchPlateError(f"alpha must be a finite real number, got {alpha!r}")
+    if alpha == 1:
+        raise BatchPlateError(
+            "The order alpha should not be equal to 1. Use batchplate.Trace_ELBO for alpha = 1."
+        )
+    return float(alpha)
+
+
+def non_finite_loss_error(
+    name: str, value: torch.Tensor, per_datum: torch.Tensor | None
+) -> BatchPlateError:
+    """A non-finite loss: the step is refused before any gradient is written."""
+    where = ""
+    if per_datum is not None:
+        bad = (~torch.isfinite(per_datum.detach())).nonzero().flatten().tolist()
+        if bad:
+            where = f" at data {_shown(bad)} (per-datum values {per_datum[bad[0]].item()} first)"
+    return BatchPlateError(
+        f"Non-finite {name} {value.item()}{where}; the step was not taken (parameters, "
+        "optimizer state and gradients are unchanged). Check the data, the guide's scales "
+        "and the learning rate; to skip such steps, catch BatchPlateError around svi.step."
+    )
+
+
+def non_finite_gradient_error(names: list[str]) -> BatchPlateError:
+    """A finite loss whose gradient is not finite in some parameters."""
+    return BatchPlateError(
+        f"Non-finite gradient in parameters {_shown(names)} (the loss is finite); the step "
+        "was not taken (parameters, optimizer state and gradients are unchanged). Typical "
+        "causes: a scale parameter at 0, log of 0 in a guide, exploding weights; lower the "
+        "learning rate or constrain the parameter. To skip such steps, catch BatchPlateError "
+        "around svi.step."
+    )
+
+
+def non_finite_data_error(model_trace: Trace, error: Exception) -> BatchPlateError | None:
+    """An observed value with NaN/inf, named by datum, or `None` if none is found."""
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample" or not site["is_observed"]:
+            continue
+        value = site["value"]
+        if not isinstance(value, torch.Tensor) or bool(torch.isfinite(value).all()):
+            continue
+        frame = batch_frame(site)
+        if frame is None:
+            return None
+        if frame.vectorized and value.dim() >= -frame.dim and value.shape[frame.dim] == frame.size:
+            bad = (~torch.isfinite(value)).movedim(frame.dim, 0).reshape(frame.size, -1)
+            data = bad.any(1).nonzero().flatten().tolist()
+        elif frame.vectorized:  # broadcast over the batch: every datum sees it
+            data = list(range(frame.size))
+        else:
+            data = [frame.datum]
+        return BatchPlateError(
+            f"Observed site '{name}' holds a non-finite value at data {_shown(data)} of "
+            f"{BatchInfo.of(frame)} ({str(error).splitlines()[0]}). Remove or impute those "
+            "data before training."
+        )
+    return None
+
+
+def non_finite_input_error(args: tuple, kwargs: dict, error: Exception) -> BatchPlateError | None:
+    """A NaN/inf in a tensor argument, named by its rows (row `b` is datum `b` of a
+    `[B, ...]` input), or `None` when every tensor argument is finite."""
+    labelled = [(f"args[{i}]", a) for i, a in enumerate(args)] + list(kwargs.items())
+    for label, value in labelled:
+        items = value.items() if isinstance(value, dict) else None
+        if isinstance(value, (list, tuple)):
+            items = enumerate(value)
+        for key, tensor in items if items is not None else [(None, value)]:
+            if not (isinstance(tensor, torch.Tensor) and tensor.is_floating_point()):
+                continue
+            bad = ~torch.isfinite(tensor.detach())
+            if not bool(bad.any()):
+                continue
+            where = label if key is None else f"{label}[{key!r}]"
+            rows = bad.reshape(len(tensor), -1).any(1).nonzero().flatten().tolist()
+            if tensor.dim() == 0:
+                rows = []
+            return BatchPlateError(
+                f"The input {where} holds NaN or infinite values at rows {_shown(rows)} (row "
+                f"b is datum b of a [B, ...] minibatch), and the program failed on it: "
+                f"{str(error).splitlines()[0]} Remove or impute those data before training."
+            )
+    return None
