@@ -159,13 +159,22 @@ def _run_example(args: argparse.Namespace) -> int:
         message = str(e).replace(f"{module.Options.__name__}.__init__() ", "")
         print(f"batchplate run {args.example}: {message}", file=sys.stderr)
         return 2
+    from .examples import _runner
+
+    try:  # before any training: what plotting needs, and a writable --out
+        _runner.preflight(args.out)
+    except _runner.SetupError as e:
+        print(f"batchplate run {args.example}: {e}", file=sys.stderr)
+        return 2
     metrics = module.run(**options)
-    print(f"batchplate run {args.example}: plot saved to {metrics.get('plot', '(none)')}")
+    failed = "plot_error" in metrics
+    where = "plotting failed" if failed else f"plot saved to {metrics.get('plot', '(none)')}"
+    print(f"batchplate run {args.example}: {where}")
     width = max((len(k) for k in metrics), default=0)
     for key, value in metrics.items():
         if key != "plot":
             print(f"  {key:<{width}}  {_format_metric(value)}")
-    return 0
+    return 1 if failed else 0
 
 
 # ---------------------------------------------------------------------------

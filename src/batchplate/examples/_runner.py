@@ -11,7 +11,11 @@ that the examples' `train()` functions share.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import json
 import math
+import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -57,10 +61,41 @@ class Options:
         common.check_choice("objective", self.objective, self.OBJECTIVES)
         for name, choices in self.CHOICES.items():
             common.check_choice(name, getattr(self, name), choices)
+        for f in dataclasses.fields(self):
+            check_number(f.name, getattr(self, f.name), f.default)
+        size = getattr(self, "dataset_size", None)
+        if size is not None and self.batch_size > size:
+            raise ValueError(
+                f"batch_size={self.batch_size} is larger than dataset_size={size}; "
+                "a minibatch is drawn from the dataset"
+            )
 
     def pick(self, *names: str) -> dict[str, Any]:
         """`{name: value}` of the named options, in the order given."""
         return {name: getattr(self, name) for name in names}
+
+
+def check_number(name: str, value: Any, default: Any) -> None:
+    """`ValueError` unless `value` has its default's numeric type and range.
+
+    An option whose default is an int takes ints only (no bools, floats or
+    strings), at least 1 when the default is positive and at least 0 else; a
+    float option takes finite numbers, positive when its default is. Options
+    without a numeric default are not checked here.
+    """
+    if isinstance(default, bool) or default is dataclasses.MISSING:
+        default = {"num_particles": 1, "batch_size": 1, "steps": 1, "lr": 1.0}.get(name)
+    if isinstance(default, bool) or not isinstance(default, (int, float)):
+        return
+    if isinstance(default, int):
+        low = 1 if default > 0 else 0
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        return
+    ok = not isinstance(value, bool) and isinstance(value, (int, float))
+    if not ok or not math.isfinite(value) or (default > 0 and value <= 0):
+        kind = "a positive finite number" if default > 0 else "a finite number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
 
 
 def defaults(options: type[Options]) -> dict[str, Any]:
@@ -96,9 +131,37 @@ class Example:
     label: Callable[[Any], str] = lambda options: ""
 
 
+class SetupError(RuntimeError):
+    """What `run_example` checks before training: a missing plotting dependency or an
+    output folder that cannot be written."""
+
+
+def preflight(out_dir: str | Path) -> Path:
+    """Check what the end of a run needs before it starts; returns the output folder."""
+    missing = [m for m in ("matplotlib", "tqdm") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SetupError(
+            f"batchplate run needs {' and '.join(missing)} to plot; install them with "
+            "pip install 'batchplate[examples]' (or pip install matplotlib tqdm)"
+        )
+    try:
+        out = common.output_dir(out_dir)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise SetupError(f"cannot write to the output folder {str(out_dir)!r}: {e}") from e
+    return out
+
+
 def run_example(example: Example, options: Options) -> dict:
-    """Train `example` with `options`, save its figures and return its metrics."""
-    out = common.output_dir(options.out_dir)
+    """Train `example` with `options`; write and print its metrics, then save its figures.
+
+    Dependencies and the output folder are checked before training
+    (`SetupError`). The metrics (`<name>-<objective>-metrics.json`) are written
+    before any figure, so a failure to plot still leaves them; it is then
+    reported in `metrics["plot_error"]`.
+    """
+    out = preflight(options.out_dir)
     stem = f"{example.name}-{options.objective}"
     label = stem + example.label(options)
     bar = common.progress_bar(options.steps, label, options.progress)
@@ -106,17 +169,39 @@ def run_example(example: Example, options: Options) -> dict:
     history = example.train(options, bar)
     seconds = time.perf_counter() - start
     bar.close()
+    try:
+        figures, error = example.figures(history, options), None
+    except Exception as e:  # a plotting failure must not lose the run's metrics
+        figures, error = {"plot": None}, e
     paths = {
-        key: common.save_figure(
-            fig, out / (f"{stem}.png" if key == "plot" else f"{stem}-{key}.png")
-        )
-        for key, fig in example.figures(history, options).items()
+        key: out / (f"{stem}.png" if key == "plot" else f"{stem}-{key}.png") for key in figures
     }
     metrics = example.metrics(history, options, seconds, paths)
+    _write_metrics(metrics, out / f"{stem}-metrics.json")
     if options.progress:
-        print(f"plot: {paths['plot']}")
         print(f"{label} {example.summary(metrics)}")
+    if error is None:
+        error = _save_figures(figures, paths)
+    if error is not None:
+        metrics["plot_error"] = f"{type(error).__name__}: {error}"
+        _write_metrics(metrics, out / f"{stem}-metrics.json")
+        print(f"{label}: plotting failed ({metrics['plot_error']})", file=sys.stderr)
+    elif options.progress:
+        print(f"plot: {paths['plot']}")
     return metrics
+
+
+def _save_figures(figures: dict, paths: dict[str, Path]) -> Exception | None:
+    try:
+        for key, fig in figures.items():
+            common.save_figure(fig, paths[key])
+    except Exception as e:  # reported with the metrics, which are already computed
+        return e
+    return None
+
+
+def _write_metrics(metrics: dict, path: Path) -> None:
+    path.write_text(json.dumps(metrics, indent=2, default=str) + "\n")
 
 
 def train_loop(
