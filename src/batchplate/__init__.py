@@ -9,7 +9,14 @@ and guides that couple data points are caught.
 from .errors import BatchPlateError
 from .evaluate import log_evidence, replay_latents
 from .independence import IndependenceReport, check_batch_independence
-from .objectives import VIMCO, BatchObjective, RenyiELBO, ReweightedWakeSleep, Trace_ELBO
+from .objectives import (
+    VIMCO,
+    BatchObjective,
+    RenyiELBO,
+    ReweightedWakeSleep,
+    Trace_ELBO,
+    TraceTailAdaptive_ELBO,
+)
 from .padded import Lanes, LaneStack, PaddedLoopError
 from .plate import BatchFrame, batch_plate
 from .weights import LogWeights, log_weights
@@ -27,6 +34,7 @@ __all__ = [
     "PaddedLoopError",
     "RenyiELBO",
     "ReweightedWakeSleep",
+    "TraceTailAdaptive_ELBO",
     "Trace_ELBO",
     "VIMCO",
     "batch_plate",

@@ -149,6 +149,20 @@ def sleep_pair(
     return _scored(model_trace, guide_trace, max_plate_nesting)
 
 
+def prior_pair(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, max_plate_nesting: float
+) -> Pair:
+    """Draw the latents from the model's prior (observed sites stay observed), then
+    score the guide on them: defensive importance sampling's prior component.
+
+    The draws are detached: they do not depend on the guide's parameters.
+    """
+    model_trace = poutine.trace(model).get_trace(*args, **kwargs)
+    model_trace.detach_()
+    guide_trace = poutine.trace(poutine.replay(guide, trace=model_trace)).get_trace(*args, **kwargs)
+    return _scored(model_trace, guide_trace, max_plate_nesting)
+
+
 def draw_particles(
     model: Callable,
     guide: Callable,
@@ -159,6 +173,7 @@ def draw_particles(
     vectorize_particles: bool,
     max_plate_nesting: float,
     sleep: bool = False,
+    prior: bool = False,
     detach_guide: bool = False,
     subsample: Trace | None = None,
 ) -> Particles:
@@ -167,7 +182,8 @@ def draw_particles(
     `max_plate_nesting` counts the program's own vectorized plates (guessed
     when unbounded and particles are vectorized); the particle plate goes one
     dim further left. With `sleep=True` the model runs first, unconditioned,
-    and the guide is scored on its fantasies; otherwise `detach_guide`
+    and the guide is scored on its fantasies; with `prior=True` the latents come
+    from the model's prior at the observed data (`prior_pair`); otherwise `detach_guide`
     detaches the guide's draws (see `wake_pair`).
 
     All particles of a datum must weigh the same datum, so they share one
@@ -176,6 +192,7 @@ def draw_particles(
     particle's.
     """
     pair = sleep_pair if sleep else functools.partial(wake_pair, detach_guide=detach_guide)
+    pair = prior_pair if prior else pair
     fixed = subsample is not None
     if fixed:
         model, guide = _replay_subsample(model, guide, subsample)

@@ -4,6 +4,14 @@ from .base import BatchObjective
 from .elbo import Trace_ELBO
 from .renyi import RenyiELBO
 from .rws import ReweightedWakeSleep
+from .tail_adaptive import TraceTailAdaptive_ELBO
 from .vimco import VIMCO
 
-__all__ = ["BatchObjective", "RenyiELBO", "ReweightedWakeSleep", "Trace_ELBO", "VIMCO"]
+__all__ = [
+    "BatchObjective",
+    "RenyiELBO",
+    "ReweightedWakeSleep",
+    "TraceTailAdaptive_ELBO",
+    "Trace_ELBO",
+    "VIMCO",
+]

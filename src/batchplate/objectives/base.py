@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from pyro.infer.elbo import ELBO
+from pyro.poutine import Trace
 from pyro.util import warn_if_nan
 
 from ..draw import draw_particles, plate_nesting
@@ -91,7 +92,6 @@ class BatchObjective(ELBO):
         ignore_jit_warnings: bool = False,
         jit_options: dict | None = None,
         retain_graph: bool | None = None,
-        tail_adaptive_beta: float = -1.0,
         reduction: str = "mean",
     ) -> None:
         if max_iarange_nesting is not None:
@@ -113,7 +113,6 @@ class BatchObjective(ELBO):
             ignore_jit_warnings=ignore_jit_warnings,
             jit_options=jit_options,
             retain_graph=retain_graph,
-            tail_adaptive_beta=tail_adaptive_beta,
         )
         # Pyro's ELBO adds the particle plate to max_plate_nesting; we keep the
         # program's own nesting and let draw_particles place the particle plate.
@@ -133,10 +132,13 @@ class BatchObjective(ELBO):
         sleep: bool = False,
         detach_guide: bool = False,
         extra: PairTerm | None = None,
+        prior: bool = False,
+        subsample: Trace | None = None,
     ) -> LogWeights:
         """Draw `num_particles` (default `K`) particles and reduce them to `[K, B]` weights.
 
-        `sleep` and `detach_guide` select reweighted wake-sleep's phases (see
+        `sleep`, `prior` and `detach_guide` select reweighted wake-sleep's phases
+        and proposals, `subsample` fixes the minibatch (see
         `batchplate.draw.draw_particles`); `extra` is an estimator's own per-pair
         term (see `batchplate.weights.compute_log_weights`).
         """
@@ -153,7 +155,9 @@ class BatchObjective(ELBO):
             vectorize_particles=vectorize,
             max_plate_nesting=self.max_plate_nesting,
             sleep=sleep,
+            prior=prior,
             detach_guide=detach_guide,
+            subsample=subsample,
         )
         return compute_log_weights(particles, extra)
 

@@ -17,6 +17,7 @@ from ..weights import (
     to_kb,
 )
 from .base import BatchObjective, leave_one_out_mean
+from .pathwise import PathWeights, check_estimator, nonreparam_log_q, through_samples, weigh_paths
 
 
 class Trace_ELBO(BatchObjective):
@@ -45,14 +46,48 @@ class Trace_ELBO(BatchObjective):
     variational inference*.
     """
 
+    def __init__(self, *args, estimator: str = "standard", **kwargs) -> None:
+        self.estimator = check_estimator(estimator, _REFUSED, "Trace_ELBO")
+        super().__init__(*args, **kwargs)
+
+    def weigh(self, model, guide, args: tuple, kwargs: dict, **options) -> LogWeights:
+        if self.estimator == "standard":
+            return super().weigh(model, guide, args, kwargs, **options)
+        return weigh_paths(self, model, guide, args, kwargs, **options)
+
     def per_datum(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         value = weights.log_w.mean(0)
+        if isinstance(weights, PathWeights):
+            return value, stl_surrogate(weights)
         if weights.score_log_q is None:
             return value, value
         # The pathwise derivative of -log q at a fixed discrete draw has mean zero;
         # leaving it out (as Pyro does) only removes variance.
         pathwise = weights.log_p - (weights.log_q - weights.score_log_q)
         return value, (pathwise + score_term(weights)).mean(0)
+
+
+_REFUSED = {
+    "dreg": (
+        "the ELBO's weights are the constant 1/K, so there is nothing to doubly "
+        "reparameterize; estimator='stl' is the ELBO's sample-path-only estimator"
+    )
+}
+
+
+def stl_surrogate(weights: PathWeights) -> torch.Tensor:
+    """`[B]`: sticking the landing. The standard ELBO gradient less the
+    reparameterized sites' `(1/K) sum_k d_phi log q(z_k)` (density parameters
+    only), whose expectation is zero given the draws it conditions on; it is also
+    exactly the part that does not vanish at the exact posterior. The model's
+    parameters and the score-function terms keep the standard estimator.
+    """
+    K = weights.num_particles
+    direct = weights.log_p.mean(0)
+    if weights.score_log_q is not None:
+        direct = direct + score_term(weights).mean(0)
+    reparam_q = weights.log_q - nonreparam_log_q(weights)
+    return direct + through_samples(-reparam_q / K, weights.paths)
 
 
 def score_term(weights: LogWeights) -> torch.Tensor:

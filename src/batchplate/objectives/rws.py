@@ -8,8 +8,10 @@ from collections.abc import Callable
 import torch
 from pyro.util import warn_if_nan
 
+from ..plate import check_positive_int
 from ..weights import LogWeights
 from .base import BatchObjective, Losses
+from .pathwise import PathWeights, check_estimator, nonreparam_log_q, through_samples, weigh_paths
 
 
 class ReweightedWakeSleep(BatchObjective):
@@ -60,9 +62,15 @@ class ReweightedWakeSleep(BatchObjective):
         model_has_params: bool = True,
         num_sleep_particles: int | None = None,
         vectorize_particles: bool = True,
+        estimator: str = "standard",
+        defensive: float = 0.0,
         **kwargs,
     ) -> None:
-        if not (isinstance(num_particles, int) and num_particles >= 2):
+        self.estimator = check_estimator(estimator, _REFUSED, "ReweightedWakeSleep")
+        self.defensive = check_defensive(defensive, self.estimator, insomnia)
+        if isinstance(num_particles, bool) or not (
+            isinstance(num_particles, int) and num_particles >= 2
+        ):
             raise ValueError(
                 "ReweightedWakeSleep needs num_particles >= 2 for self-normalized importance "
                 f"weights, got {num_particles!r}"
@@ -75,7 +83,9 @@ class ReweightedWakeSleep(BatchObjective):
         self.insomnia = insomnia
         self.model_has_params = model_has_params
         self.num_sleep_particles = (
-            num_particles if num_sleep_particles is None else num_sleep_particles
+            num_particles
+            if num_sleep_particles is None
+            else check_positive_int("num_sleep_particles", num_sleep_particles)
         )
 
     def losses(
@@ -96,8 +106,8 @@ class ReweightedWakeSleep(BatchObjective):
         """
         wake_theta = wake_phi = sleep_phi = None
         if self.model_has_params or self.insomnia > 0:
-            weights = self.weigh(model, guide, args, kwargs, detach_guide=True)
-            wake_theta, wake_phi = self._wake(weights)
+            weights = self._wake_weights(model, guide, args, kwargs)
+            wake_theta, wake_phi = self._wake(weights, (model, guide, args, kwargs))
             batch = weights.batch
         if self.insomnia < 1:
             S = self.num_sleep_particles
@@ -121,18 +131,66 @@ class ReweightedWakeSleep(BatchObjective):
             return Losses(names, (phi.new_tensor(math.nan), phi), batch, skipped=names[:1])
         return Losses(names, (wake_theta, phi), batch)
 
-    def _wake(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _wake_weights(self, model: Callable, guide: Callable, args, kwargs) -> LogWeights:
+        """Guide particles for the wake phases: detached, except for DReG, which
+        differentiates through them (and keeps wake-theta off the guide itself)."""
+        if self.estimator == "dreg":
+            return weigh_paths(self, model, guide, args, kwargs)
+        if self.defensive > 0:
+            return weigh_paths(
+                self, model, guide, args, kwargs, detach_guide=True, prior_log_p=True
+            )
+        return self.weigh(model, guide, args, kwargs, detach_guide=True)
+
+    def _wake(self, weights: LogWeights, call: tuple) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Wake-theta and (with `insomnia > 0`) wake-phi losses of guide particles."""
         log_w = weights.log_p - weights.log_q.detach()
         K = weights.num_particles
-        wake_theta = -self.reduce(torch.logsumexp(log_w, 0) - math.log(K), weights.batch)
+        normalized = torch.softmax(log_w.detach(), dim=0)
+        theta = torch.logsumexp(log_w, 0) - math.log(K)
+        if self.estimator == "dreg":  # the draws carry the guide's graph: cut it here
+            theta = theta + through_samples(-normalized * weights.log_p, weights.paths)
+        wake_theta = -self.reduce(theta, weights.batch)
         warn_if_nan(wake_theta, "wake theta loss")
         if self.insomnia == 0:
             return wake_theta, None
-        normalized = torch.softmax(log_w.detach(), dim=0)
-        wake_phi = -self.reduce((normalized * weights.log_q).sum(0), weights.batch)
+        if self.estimator == "dreg":
+            phi = rws_dreg_objective(weights, normalized)
+        elif self.defensive > 0:
+            phi = self._defensive_objective(weights, call)
+        else:
+            phi = (normalized * weights.log_q).sum(0)
+        wake_phi = -self.reduce(phi, weights.batch)
         warn_if_nan(wake_phi, "wake phi loss")
         return wake_theta, wake_phi
+
+    def _defensive_objective(self, weights: PathWeights, call: tuple) -> torch.Tensor:
+        """`[B]`: `sum_k w~[k, b] log q(z_b^k | x_b)` with `z_b^k` from the mixture
+        `(1 - eps) q + eps p(z)` and `w~` normalizing `p(x, z) / ((1 - eps) q + eps p)`.
+
+        Particle `(k, b)` takes the guide's draw or the prior's, by a coin of bias
+        `eps`: that is a draw from the mixture, since data are independent.
+        """
+        model, guide, args, kwargs = call
+        subsample = weights.paths.subsample
+        options = dict(prior=True, prior_log_p=True, subsample=subsample)
+        prior = weigh_paths(self, model, guide, args, kwargs, **options)
+        if prior.batch != weights.batch:
+            raise RuntimeError(
+                f"the batch plate changed within one step: {weights.batch} for the guide's "
+                f"particles, {prior.batch} for the prior's"
+            )
+        eps = self.defensive
+        pick = torch.rand(weights.log_p.shape, device=weights.log_p.device) < eps
+
+        def mix(guide_value: torch.Tensor, prior_value: torch.Tensor) -> torch.Tensor:
+            return torch.where(pick, prior_value, guide_value)
+
+        log_q = mix(weights.log_q, prior.log_q)
+        log_z = mix(weights.paths.prior_log_p(), prior.paths.prior_log_p())
+        log_mixture = torch.logaddexp(math.log1p(-eps) + log_q, math.log(eps) + log_z)
+        log_w = mix(weights.log_p, prior.log_p) - log_mixture
+        return (torch.softmax(log_w.detach(), dim=0) * log_q).sum(0)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         """`wake_theta_loss + phi_loss` as one tensor, for plain PyTorch loops.
@@ -141,3 +199,39 @@ class ReweightedWakeSleep(BatchObjective):
         gradient for guide parameters. Use `losses` for the two values.
         """
         return self.local_losses(model, guide, *args, **kwargs).total()
+
+
+_REFUSED = {
+    "stl": (
+        "the wake-phi gradient sum_k w~[k, b] grad log q(z_b^k) has no sample path to "
+        "stick to (the draws are detached); estimator='dreg' is its reparameterized form"
+    )
+}
+
+
+def check_defensive(defensive: float, estimator: str, insomnia: float) -> float:
+    """`defensive` if it can act: in `[0, 1)`, with a wake-phi phase, without DReG."""
+    if not (isinstance(defensive, int | float) and 0.0 <= defensive < 1.0):
+        raise ValueError(f"defensive must be in [0, 1), got {defensive!r}")
+    if defensive > 0 and estimator == "dreg":
+        raise ValueError(
+            "defensive > 0 cannot be combined with estimator='dreg': prior draws do not "
+            "depend on the guide's parameters, so the DReG identity does not hold for them"
+        )
+    if defensive > 0 and insomnia == 0:
+        raise ValueError(
+            "defensive > 0 changes the wake-phi proposals, but insomnia=0 has no wake-phi phase"
+        )
+    return float(defensive)
+
+
+def rws_dreg_objective(weights: PathWeights, normalized: torch.Tensor) -> torch.Tensor:
+    """`[B]`: the RWS-DReG wake-phi surrogate (Tucker et al., 2019, eq. 8).
+
+    Reparameterizing `sum_k w~_k d_phi log q(z_k)` (density parameters of the
+    reparameterized sites) gives `sum_k (w~_k - w~_k^2) dl_k/dz_k dz_k/dphi`; the
+    non-reparameterized sites keep `sum_k w~_k grad log q`.
+    """
+    rest = (normalized * nonreparam_log_q(weights)).sum(0)
+    target = (normalized - normalized * normalized) * weights.log_w
+    return rest + through_samples(target, weights.paths)
