@@ -35,6 +35,8 @@ import argparse
 import datetime
 import math
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -425,8 +427,51 @@ def _start_ranks(args, port: int, out: Path) -> list:
             cmd += ["--inject", args.inject, "--inject-rank", str(args.inject_rank)]
         stdout = open(out / f"rank{rank}.out", "w")  # noqa: SIM115 - closed by _stop_ranks
         stderr = open(out / f"rank{rank}.err", "w")  # noqa: SIM115
-        procs.append((subprocess.Popen(cmd, env=env, stdout=stdout, stderr=stderr), stdout, stderr))
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=stdout, stderr=stderr, preexec_fn=die_with_parent
+        )
+        procs.append((proc, stdout, stderr))
     return procs
+
+
+def die_with_parent() -> None:
+    """In a rank, between fork and exec: SIGKILL when the launcher dies, however it dies
+    (Linux's parent-death signal; it survives exec). Elsewhere the launcher's
+    SIGTERM handler and its `finally` stop the ranks."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+#: `prctl` option number of the parent-death signal (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
+TEMP_PREFIX = "batchplate-selftest-"
+
+
+def remove_stale_folders() -> None:
+    """Remove the temp folders of launchers that were killed (SIGKILL leaves no chance
+    to clean up): each folder's name carries its launcher's pid."""
+    for folder in Path(tempfile.gettempdir()).glob(TEMP_PREFIX + "*"):
+        pid = folder.name[len(TEMP_PREFIX) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _terminate(signum: int, frame) -> None:
+    # SIGTERM becomes SystemExit, so the `finally` blocks stop the ranks and remove the folder.
+    raise SystemExit(128 + signum)
 
 
 def _stop_ranks(procs) -> None:
@@ -480,7 +525,9 @@ def launch(args) -> int:
         wait_for_workers=False,
         timeout=datetime.timedelta(seconds=args.timeout),
     )
-    with tempfile.TemporaryDirectory(prefix="batchplate-selftest-") as tmp:
+    remove_stale_folders()
+    signal.signal(signal.SIGTERM, _terminate)
+    with tempfile.TemporaryDirectory(prefix=f"{TEMP_PREFIX}{os.getpid()}-") as tmp:
         out = Path(tmp)
         procs = _start_ranks(args, store.port, out)
         print(
@@ -576,9 +623,19 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the self-test (or, with the hidden `--worker R`, rank `R` of it)."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.nproc < 1:
-        raise SystemExit("--nproc must be at least 1")
+        parser.error(f"--nproc must be at least 1, got {args.nproc}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout:g}")
+    if not math.isfinite(args.atol) or args.atol < 0:
+        parser.error(f"--atol must be a finite number >= 0, got {args.atol:g}")
+    if args.inject is not None and not 0 <= args.inject_rank < args.nproc:
+        parser.error(
+            f"--inject-rank must be in [0, {args.nproc}) for --nproc {args.nproc}, "
+            f"got {args.inject_rank}"
+        )
     return worker(args) if args.worker is not None else launch(args)
 
 
