@@ -224,8 +224,6 @@ def test_constructor_accepts_pyro_keywords(cls, extra):
         max_plate_nesting=2,
         vectorize_particles=True,
         strict_enumeration_warning=False,
-        ignore_jit_warnings=True,
-        jit_options={"check_trace": False},
         retain_graph=True,
         reduction="sum",
         **extra,

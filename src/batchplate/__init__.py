@@ -15,6 +15,7 @@ from .objectives import (
     RenyiELBO,
     ReweightedWakeSleep,
     Trace_ELBO,
+    TraceEnum_ELBO,
     TraceTailAdaptive_ELBO,
 )
 from .padded import Lanes, LaneStack, PaddedLoopError
@@ -34,6 +35,7 @@ __all__ = [
     "PaddedLoopError",
     "RenyiELBO",
     "ReweightedWakeSleep",
+    "TraceEnum_ELBO",
     "TraceTailAdaptive_ELBO",
     "Trace_ELBO",
     "VIMCO",

@@ -19,6 +19,7 @@ import torch
 from pyro import poutine
 from pyro.infer.util import site_is_subsample
 from pyro.poutine import Trace
+from pyro.poutine.enum_messenger import EnumMessenger
 
 from .errors import BatchPlateError
 from .validation import check_pair, contributes, dynamic_program_error
@@ -57,9 +58,14 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs
         )
+    return trace_nesting((model_trace, guide_trace))
+
+
+def trace_nesting(traces: Iterable[Trace]) -> int:
+    """How many vectorized plate dims the traces' sample sites use."""
     dims = [
         frame.dim
-        for trace in (model_trace, guide_trace)
+        for trace in traces
         for site in trace.nodes.values()
         if site["type"] == "sample"
         for frame in site["cond_indep_stack"]
@@ -120,11 +126,66 @@ def wake_pair(
     `detach_guide` cuts the model's dependence on the guide's parameters
     through the drawn values (reweighted wake-sleep's wake phase).
     """
+    run = (model, guide, args, kwargs, detach_guide)
+    guide_trace, model_trace, max_plate_nesting = _enumerated_wake(run, max_plate_nesting)
+    return _scored(model_trace, guide_trace, max_plate_nesting)
+
+
+def _wake_traces(run: tuple) -> tuple[Trace, Trace]:
+    model, guide, args, kwargs, detach_guide = run
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     if detach_guide:
         guide_trace.detach_()
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
-    return _scored(model_trace, guide_trace, max_plate_nesting)
+    replayed = poutine.replay(model, trace=guide_trace)
+    return guide_trace, poutine.trace(replayed).get_trace(*args, **kwargs)
+
+
+def _enumerated_wake(run: tuple, max_plate_nesting: float) -> tuple[Trace, Trace, float]:
+    """Guide and model traces with sites marked `enumerate="parallel"` enumerated,
+    and the plate nesting they were enumerated with.
+
+    As in Pyro's `TraceEnum_ELBO`, the guide's enumeration dims start left of
+    the program's plates (`-1 - max_plate_nesting`) and the model's continue
+    after them. With an unbounded `max_plate_nesting`, a first plain run shows
+    whether anything is marked (and how deep the plates go): a marked site must
+    never be silently sampled.
+    """
+    model, guide, args, kwargs, detach_guide = run
+    if max_plate_nesting == math.inf:
+        traces = _wake_traces(run)
+        if not marked_for_enumeration(traces):
+            return (*traces, max_plate_nesting)
+        max_plate_nesting = trace_nesting(traces)
+    guide = EnumMessenger(first_available_dim=-1 - max_plate_nesting)(guide)
+    model = EnumMessenger()(model)  # keeps the guide's allocation state, as Pyro does
+    traces = _wake_traces((model, guide, args, kwargs, detach_guide))
+    check_enumeration(traces)
+    return (*traces, max_plate_nesting)
+
+
+def marked_for_enumeration(traces: Iterable[Trace]) -> bool:
+    """Whether any unobserved sample site asks for enumeration."""
+    return any(
+        site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate")
+        for trace in traces
+        for site in trace.nodes.values()
+    )
+
+
+def check_enumeration(traces: Iterable[Trace]) -> None:
+    """Every site marked for enumeration was enumerated (never silently sampled)."""
+    for trace in traces:
+        for name, site in trace.nodes.items():
+            strategy = site["infer"].get("enumerate") if site["type"] == "sample" else None
+            if strategy is None or site["is_observed"]:
+                continue
+            if site["infer"].get("_enumerate_dim") is None:
+                raise BatchPlateError(
+                    f"site '{name}' is marked infer={{'enumerate': {strategy!r}}}, which "
+                    "batchplate does not enumerate (only 'parallel' enumeration is supported): "
+                    "it would be sampled instead. Mark it 'parallel' (config_enumerate's "
+                    "default), or remove the mark to sample it."
+                )
 
 
 def sleep_pair(

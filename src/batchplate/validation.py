@@ -35,6 +35,12 @@ GLOBAL_LATENT_HINT = (
 Located = tuple[BatchFrame, str, str]  # (frame, role, site name)
 
 
+class NoSampleSitesError(BatchPlateError):
+    """Model and guide have no sample site: no `[K, B]` weights exist. The objectives
+    catch it and return loss 0 without gradient, as Pyro does (an auxiliary loss on
+    a batch without labels); `log_weights` and `log_evidence` raise it."""
+
+
 def contributes(site: dict) -> bool:
     """Subsample and deterministic sites carry no density and may live anywhere."""
     return not (site_is_subsample(site) or site["infer"].get("_deterministic", False))
@@ -75,9 +81,10 @@ def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float)
             if frame.vectorized and _spans_batch(site, frame):
                 raise event_over_batch_error(role, name, site, BatchInfo.of(frame))
     if first is None:
-        raise BatchPlateError(
+        raise NoSampleSitesError(
             "The model and guide have no sample sites: there is nothing to weigh. "
-            "Put the model's observations inside a batch_plate."
+            "Put the model's observations inside a batch_plate. (The objectives return "
+            "loss 0 without gradient for such a program, as Pyro does.)"
         )
     check_match(names, model_trace)
     batch = BatchInfo.of(first[0])

@@ -22,7 +22,9 @@ import torch
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 
+from .contraction import guide_enumerated, marginal_log_p, model_enumerated
 from .draw import PARTICLE_PLATE, Pair, Particles, draw_particles, subsample_indices
+from .errors import BatchPlateError
 from .plate import BatchInfo, batch_frame
 from .validation import contributes, non_finite_error
 
@@ -146,14 +148,14 @@ def density_sites(trace: Trace) -> list[dict]:
 
 
 def _reduce_trace(
-    trace: Trace, batch: BatchInfo, K: int, score: bool = False
+    trace: Trace, batch: BatchInfo, K: int, score: bool = False, skip: set[str] = frozenset()
 ) -> torch.Tensor | None:
     """`[K, B]`: the trace's log probs summed per datum (`None` without sites).
 
     `score=True` sums the score-function terms of non-reparameterized sites.
     The batch plate's `N/B` stays in the log-prob terms.
     """
-    sites = density_sites(trace)
+    sites = [site for site in density_sites(trace) if site["name"] not in skip]
     if score:
         sites = [site for site in sites if not is_reparameterized(site)]
     return reduce_sites(sites, batch, K, score_log_prob if score else _log_prob)
@@ -178,7 +180,12 @@ def pair_batch(pair: Pair) -> BatchInfo:
 def _reduce_pair(pair: Pair, batch: BatchInfo, K: int) -> tuple[torch.Tensor, ...]:
     """`(log_p, log_q, score_log_q or None)` of one pair, each `[K, B]`."""
     model_trace, guide_trace = pair
-    log_p = _reduce_trace(model_trace, batch, K)
+    enumerated_guide = guide_enumerated(pair)
+    if enumerated_guide:
+        raise guide_enumeration_error(enumerated_guide)
+    # Sites touching a model-enumerated site are summed out exactly, per datum.
+    enumerated, marginal = marginal_log_p(pair, batch, K)
+    log_p = _reduce_trace(model_trace, batch, K, skip=enumerated)
     log_q = _reduce_trace(guide_trace, batch, K)
     scale = _common_score_scale(guide_trace)
     if scale is None:
@@ -186,11 +193,13 @@ def _reduce_pair(pair: Pair, batch: BatchInfo, K: int) -> tuple[torch.Tensor, ..
     else:  # the score terms are log q itself, unscaled: no op per site
         score = log_q if scale == 1 else log_q / scale
     if log_p is None:
-        log_p = torch.zeros_like(log_q)
+        log_p = torch.zeros_like(log_q if log_q is not None else marginal)
     if log_q is None:
         log_q = torch.zeros_like(log_p)
     if batch.full_size != batch.size:
         log_p, log_q = log_p / batch.subsample_scale, log_q / batch.subsample_scale
+    if marginal is not None:  # already without the batch plate's N/B
+        log_p = log_p + marginal
     return log_p, log_q, score
 
 
@@ -261,9 +270,23 @@ def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> 
     score_log_q = None
     if any(row[2] is not None for row in rows):  # dynamic programs: in some particles only
         score_log_q = torch.cat([_or_zeros(row[2], row[0]) for row in rows])
-    weights = LogWeights(log_p, log_q, score_log_q, batch, pair if particles.vectorized else None)
+    # An enumerated pair's site terms are not per-site costs (they carry enumeration dims).
+    whole = particles.vectorized and not model_enumerated(pair)
+    weights = LogWeights(log_p, log_q, score_log_q, batch, pair if whole else None)
     weights.extra = torch.cat(extras) if extras else None
     return weights
+
+
+def guide_enumeration_error(names: list[str]) -> BatchPlateError:
+    """Guide-side enumeration under an importance-weighted objective."""
+    return BatchPlateError(
+        f"guide sites {names} are enumerated (infer={{'enumerate': 'parallel'}} or "
+        "config_enumerate on the guide). Importance-weighted objectives and log_evidence weigh "
+        "particles drawn from the guide, and an enumerated guide site is not a draw: its "
+        "weight would need q's probabilities inside the logsumexp. Use batchplate.TraceEnum_ELBO "
+        "for guide-side enumeration, or enumerate the site in the model (remove it from the "
+        "guide) so that it is summed exactly inside each datum, or sample it in the guide."
+    )
 
 
 def _or_zeros(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from .base import BatchObjective
 from .elbo import Trace_ELBO
+from .enum import TraceEnum_ELBO
 from .renyi import RenyiELBO
 from .rws import ReweightedWakeSleep
 from .tail_adaptive import TraceTailAdaptive_ELBO
@@ -11,6 +12,7 @@ __all__ = [
     "BatchObjective",
     "RenyiELBO",
     "ReweightedWakeSleep",
+    "TraceEnum_ELBO",
     "TraceTailAdaptive_ELBO",
     "Trace_ELBO",
     "VIMCO",

@@ -161,11 +161,20 @@ class BatchObjective(ELBO):
         )
         return compute_log_weights(particles, extra)
 
-    def reduce(self, per_datum: torch.Tensor, batch: BatchInfo) -> torch.Tensor:
-        """Mean over the batch, or `N/B` times the sum."""
+    def reduce(
+        self, per_datum: torch.Tensor, batch: BatchInfo, global_term: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean over the batch, or `N/B` times the sum.
+
+        `global_term` (the sites outside the batch plate, `G`) enters once:
+        `"sum"` gives `G + (N/B) sum_b L_b`, the unbiased full-data estimate, and
+        `"mean"` that divided by `N`, which keeps the per-datum scale.
+        """
         if self.reduction == "mean":
-            return per_datum.mean(-1)
-        return per_datum.sum(-1) * batch.subsample_scale
+            total = per_datum.mean(-1)
+            return total if global_term is None else total + global_term / batch.full_size
+        total = per_datum.sum(-1) * batch.subsample_scale
+        return total if global_term is None else total + global_term
 
     # -- the objective ---------------------------------------------------------
 
