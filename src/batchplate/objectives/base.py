@@ -11,6 +11,7 @@ class averages (`reduction="mean"`) or sums with the `N/B` scale
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from collections.abc import Callable
@@ -23,7 +24,9 @@ from pyro.util import warn_if_nan
 
 from ..draw import draw_particles, plate_nesting
 from ..plate import BatchInfo
+from ..validation import NoSampleSitesError
 from ..weights import LogWeights, PairTerm, compute_log_weights
+from .baseline import unused_baseline_check
 
 REDUCTIONS = ("mean", "sum")
 
@@ -47,8 +50,8 @@ class Losses:
     """Scalar tensors whose gradients are the estimator's. A skipped phase
     (RWS's wake-theta with `model_has_params=False, insomnia=0`) is a NaN
     tensor without gradient."""
-    batch: BatchInfo
-    """The batch plate of this step."""
+    batch: BatchInfo | None
+    """The batch plate of this step (`None` for a program without sample sites)."""
     skipped: tuple[str, ...] = ()
     """Names of the losses that were not computed (their values are NaN)."""
 
@@ -82,6 +85,11 @@ class BatchObjective(ELBO):
         (Pyro's convention for subsampled plates).
     """
 
+    compiles = False
+    """Whether `local_losses` is compiled (the Jit variants)."""
+    uses_baselines = False
+    """Whether the objective uses guide sites' `infer["baseline"]` specs."""
+
     def __init__(
         self,
         num_particles: int = 1,
@@ -103,6 +111,13 @@ class BatchObjective(ELBO):
             max_plate_nesting = max_iarange_nesting
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        if not self.compiles and (jit_options is not None or ignore_jit_warnings):
+            # Pyro's uncompiled objectives accept and ignore these; a keyword must act.
+            raise ValueError(
+                f"jit_options and ignore_jit_warnings apply to compiled objectives; "
+                f"{type(self).__name__} does not compile. Use its Jit variant "
+                "(batchplate.JitTrace_ELBO, ...) or drop the keyword."
+            )
         if not (isinstance(num_particles, int) and num_particles >= 1):
             raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
         super().__init__(
@@ -118,6 +133,7 @@ class BatchObjective(ELBO):
         # program's own nesting and let draw_particles place the particle plate.
         self.max_plate_nesting = max_plate_nesting
         self.reduction = reduction
+        self._baselines_checked: set[int] = set()
 
     # -- draw, check, reduce ---------------------------------------------------
 
@@ -146,20 +162,28 @@ class BatchObjective(ELBO):
         vectorize = self.vectorize_particles and K > 1
         if vectorize and self.max_plate_nesting == math.inf:  # guessed once per objective
             self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
-        particles = draw_particles(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=K,
-            vectorize_particles=vectorize,
-            max_plate_nesting=self.max_plate_nesting,
-            sleep=sleep,
-            prior=prior,
-            detach_guide=detach_guide,
-            subsample=subsample,
-        )
-        return compute_log_weights(particles, extra)
+        with self._unused_baseline_check(guide):
+            particles = draw_particles(
+                model,
+                guide,
+                args,
+                kwargs,
+                num_particles=K,
+                vectorize_particles=vectorize,
+                max_plate_nesting=self.max_plate_nesting,
+                sleep=sleep,
+                prior=prior,
+                detach_guide=detach_guide,
+                subsample=subsample,
+            )
+            return compute_log_weights(particles, extra)
+
+    def _unused_baseline_check(self, guide: Callable) -> contextlib.AbstractContextManager:
+        """On a guide's first step, warn about baseline specs this objective ignores."""
+        if self.uses_baselines or id(guide) in self._baselines_checked:
+            return contextlib.nullcontext()
+        self._baselines_checked.add(id(guide))
+        return unused_baseline_check(type(self).__name__)
 
     def reduce(
         self, per_datum: torch.Tensor, batch: BatchInfo, global_term: torch.Tensor | None = None
@@ -189,8 +213,14 @@ class BatchObjective(ELBO):
     # -- Pyro's interface ------------------------------------------------------
 
     def local_losses(self, model: Callable, guide: Callable, *args, **kwargs) -> Losses:
-        """This step's loss tensors and batch plate, for wrappers that combine batches."""
-        weights = self.weigh(model, guide, args, kwargs)
+        """This step's loss tensors and batch plate, for wrappers that combine batches.
+
+        A program without sample sites has loss 0 and no gradient, as in Pyro.
+        """
+        try:
+            weights = self.weigh(model, guide, args, kwargs)
+        except NoSampleSitesError:
+            return Losses(("loss",), (torch.zeros(()),), None)
         value, surrogate = self.per_datum(weights)
         loss = -self.reduce(value, weights.batch).detach()
         surrogate_loss = -self.reduce(surrogate, weights.batch)
