@@ -10,6 +10,7 @@ from pyro import poutine
 from pyro.poutine import Trace
 
 from .draw import draw_particles, plate_nesting, subsample_trace
+from .plate import check_positive_int
 from .weights import compute_log_weights
 
 
@@ -54,8 +55,8 @@ def log_evidence(
     `vectorize_particles=False` (then particles are traced one at a time).
     With a subsampled batch plate the estimates are for the subsampled data.
     """
-    if num_particles < 1 or chunk_size < 1:
-        raise ValueError("num_particles and chunk_size must be positive")
+    check_positive_int("num_particles", num_particles)
+    check_positive_int("chunk_size", chunk_size)
     chunk_size = min(chunk_size, num_particles)
     if vectorize_particles and chunk_size > 1:
         max_plate_nesting = plate_nesting(max_plate_nesting, model, guide, args, kwargs)
