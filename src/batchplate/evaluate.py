@@ -11,6 +11,7 @@ from pyro.poutine import Trace
 
 from .draw import draw_particles, plate_nesting, subsample_trace
 from .plate import check_positive_int
+from .validation import global_latent_error
 from .weights import compute_log_weights
 
 
@@ -78,7 +79,10 @@ def log_evidence(
         if done == 0:
             particles.pairs = list(particles.pairs)  # at most chunk_size pairs
             subsample = subsample_trace(particles.pairs[0])
-        chunk = torch.logsumexp(compute_log_weights(particles).log_w, dim=0)
+        weights = compute_log_weights(particles)
+        if weights.global_latents:  # estimates conditional on point-mass globals only
+            raise global_latent_error(list(weights.global_latents), "log_evidence")
+        chunk = torch.logsumexp(weights.log_w, dim=0)
         total = chunk if total is None else torch.logaddexp(total, chunk)
         done += k
     return total - math.log(num_particles)

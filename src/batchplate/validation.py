@@ -25,11 +25,10 @@ if TYPE_CHECKING:
     from pyro.poutine import Trace
 
 GLOBAL_LATENT_HINT = (
-    "Per-datum objectives need every sample site of model and guide inside the one "
-    "batch plate, so that the data of a minibatch are independent. A site outside it "
-    "(a global latent or a global observation) is shared by all data. For models with "
-    "global latents, use pyro.plate and Pyro's own objectives (pyro.infer.Trace_ELBO, "
-    "pyro.infer.RenyiELBO), which treat the plate as part of the model."
+    "Per-datum objectives weigh each datum of the batch plate on its own, so the data must "
+    "lie in one. Sites outside it (global latents, MAP sites) are allowed next to it: the "
+    "ELBO family weighs them once, and the importance-weighted objectives accept them with a "
+    "point-mass guide (AutoDelta, dist.Delta)."
 )
 
 Located = tuple[BatchFrame, str, str]  # (frame, role, site name)
@@ -59,6 +58,7 @@ def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float)
     mismatch changes the number, not just its variance.
     """
     first: Located | None = None
+    outside: tuple[dict, str] | None = None  # a site outside the batch plate: a global site
     model_data: set[int] = set()
     # (role, observed) -> site names: one set insertion per site, compared once below.
     names: dict[tuple[str, bool], set[str]] = {
@@ -70,6 +70,11 @@ def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float)
                 continue
             names[role, bool(site["is_observed"])].add(name)
             frame = _site_frame(site, role, model_trace)
+            if frame is None:  # weighed once, as the global term, never per datum
+                if role == "model" and first is not None:
+                    raise global_after_local_error(name, first[2])
+                outside = outside or (site, role)
+                continue
             if first is None:
                 first = (frame, role, name)
             elif not same_plate(frame, first[0]):
@@ -80,6 +85,8 @@ def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float)
                 model_data.add(frame.datum)
             if frame.vectorized and _spans_batch(site, frame):
                 raise event_over_batch_error(role, name, site, BatchInfo.of(frame))
+    if first is None and outside is not None:
+        raise missing_batch_plate_error(outside[0], outside[1], model_trace)
     if first is None:
         raise NoSampleSitesError(
             "The model and guide have no sample sites: there is nothing to weigh. "
@@ -183,11 +190,15 @@ def _check_pyro_rules(model_trace: Trace, guide_trace: Trace, max_plate_nesting:
                 check_site_shape(site, max_plate_nesting)
 
 
-def _site_frame(site: dict, role: str, model_trace: Trace) -> BatchFrame:
-    """Rules 1 and 4: a site lies in exactly one batch plate."""
+def _site_frame(site: dict, role: str, model_trace: Trace) -> BatchFrame | None:
+    """Rules 1, 2 and 4: a site lies in at most one batch plate (`None`: a global site),
+    and a guide site lies in it where the model's does."""
     frame = batch_frame(site)
     if frame is None:
-        raise missing_batch_plate_error(site, role, model_trace)
+        model_site = model_trace.nodes.get(site["name"]) if role == "guide" else None
+        if model_site is not None and _sample_frame(model_site) is not None:
+            raise missing_batch_plate_error(site, role, model_trace)
+        return None
     for other in site["cond_indep_stack"]:
         if isinstance(other, BatchFrame) and other.name != frame.name:
             raise BatchPlateError(
@@ -204,9 +215,13 @@ def _check_guide_site(site: dict, frame: BatchFrame, model_trace: Trace) -> None
     if model_site is None or model_site["type"] != "sample":
         return
     model_frame = batch_frame(model_site)
-    if model_frame is None:
-        return
     name = site["name"]
+    if model_frame is None:
+        raise BatchPlateError(
+            f"guide site '{name}' lies in {BatchInfo.of(frame)}, but the model's site '{name}' "
+            "is outside it (a global site, one value for all data). Sample it outside the "
+            "batch plate in the guide too, or move the model's site into the batch plate."
+        )
     if not same_plate(model_frame, frame):
         raise plates_disagree_error((model_frame, "model", name), (frame, "guide", name))
     plates = {f.name for f in site["cond_indep_stack"]}
@@ -260,7 +275,7 @@ def missing_batch_plate_error(site: dict, role: str, model_trace: Trace) -> Batc
         return BatchPlateError(
             f"{role} site '{name}' is not inside a batch plate, and the model has none. "
             "Mark the plate over your minibatch with batchplate.batch_plate(name, size, ...) "
-            "in both model and guide. " + GLOBAL_LATENT_HINT
+            "in both model and guide, in place of its pyro.plate. " + GLOBAL_LATENT_HINT
         )
     return BatchPlateError(
         f"{role} site '{name}' is outside {BatchInfo.of(frame)}. " + GLOBAL_LATENT_HINT
@@ -451,3 +466,27 @@ def non_finite_input_error(args: tuple, kwargs: dict, error: Exception) -> Batch
                 f"{str(error).splitlines()[0]} Remove or impute those data before training."
             )
     return None
+
+
+def global_latent_error(names: list[str], objective: str) -> BatchPlateError:
+    """A random global latent under an objective that takes a logsumexp per datum."""
+    return BatchPlateError(
+        f"guide sites {names} lie outside the batch plate and are not point masses: global "
+        f"latents, shared by all data. {objective} weighs each datum by a logsumexp over its "
+        "own particles, which needs the data independent given the sites outside the batch "
+        "plate; a random global latent couples them, so the per-datum bound is undefined "
+        "(only the whole dataset's bound, one joint weight, is). Give those sites a "
+        "point-mass guide (MAP: AutoDelta, dist.Delta) or make them pyro.param, or use "
+        "batchplate.Trace_ELBO / TraceEnum_ELBO, which weigh global latents once."
+    )
+
+
+def global_after_local_error(name: str, local: str) -> BatchPlateError:
+    """A model site outside the batch plate, after datum-level sites it may depend on."""
+    return BatchPlateError(
+        f"model site '{name}' is outside the batch plate but comes after its site '{local}': "
+        "a site shared by all data that may depend on the data's latents couples the data of "
+        "the minibatch, so no objective can weigh each datum on its own. Sample global sites "
+        "before the batch plate (they may not depend on datum-level sites, as in Pyro's "
+        "TraceEnum_ELBO), or move the site into the batch plate."
+    )

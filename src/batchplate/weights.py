@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pyro.distributions import Delta
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 
@@ -50,6 +51,12 @@ class LogWeights:
     estimators that look inside a datum; `None` for one pair per particle."""
     extra: torch.Tensor | None = None
     """`[K, B]`: the estimator's own per-pair term (see `compute_log_weights`)."""
+    global_log_w: torch.Tensor | None = None
+    """`[K]`: `G`, the `log p - log q` of the sites outside the batch plate (global
+    latents, MAP sites, global observations), `None` without them. Not part of
+    `log_w`: the reductions add it once (`BatchObjective.reduce`)."""
+    global_latents: tuple[str, ...] = ()
+    """Guide sites outside the batch plate that are not point masses (`dist.Delta`)."""
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -155,7 +162,7 @@ def _reduce_trace(
     `score=True` sums the score-function terms of non-reparameterized sites.
     The batch plate's `N/B` stays in the log-prob terms.
     """
-    sites = [site for site in density_sites(trace) if site["name"] not in skip]
+    sites = [site for site in local_sites(trace) if site["name"] not in skip]
     if score:
         sites = [site for site in sites if not is_reparameterized(site)]
     return reduce_sites(sites, batch, K, score_log_prob if score else _log_prob)
@@ -172,7 +179,7 @@ def pair_batch(pair: Pair) -> BatchInfo:
     """The batch plate of a checked pair (every contributing site lies in it)."""
     for trace in pair:
         for site in trace.nodes.values():
-            if site["type"] == "sample" and contributes(site):
+            if site["type"] == "sample" and contributes(site) and batch_frame(site) is not None:
                 return BatchInfo.of(batch_frame(site))
     raise AssertionError("validation.check_pair lets no pair without sites through")
 
@@ -223,9 +230,9 @@ def _culprits(pair: Pair, batch: BatchInfo, k: int, b: int) -> list[str]:
     found = []
     for role, trace in zip(("model", "guide"), pair, strict=True):
         for site in trace.nodes.values():
-            if site["type"] != "sample" or not contributes(site):
+            frame = batch_frame(site) if site["type"] == "sample" else None
+            if frame is None or not contributes(site):
                 continue
-            frame = batch_frame(site)
             if not frame.vectorized and frame.datum != b:
                 continue
             value = to_kb(site_log_prob(site, batch).detach(), particle_dim(site), frame.dim)
@@ -258,7 +265,7 @@ def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> 
     pair and concatenated over particles into `LogWeights.extra`.
     """
     K = particles.num_particles if particles.vectorized else 1
-    rows, extras, pair = [], [], None
+    rows, extras, globals_, pair = [], [], [], None
     for pair in particles.pairs:
         batch = pair_batch(pair)
         reduced = _reduce_pair(pair, batch, K)
@@ -266,15 +273,46 @@ def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> 
         rows.append(reduced)
         if extra is not None:
             extras.append(extra(pair, batch, K))
+        globals_.append(global_terms(pair, K))
     log_p, log_q = (torch.cat([row[i] for row in rows]) for i in (0, 1))
     score_log_q = None
     if any(row[2] is not None for row in rows):  # dynamic programs: in some particles only
         score_log_q = torch.cat([_or_zeros(row[2], row[0]) for row in rows])
     # An enumerated pair's site terms are not per-site costs (they carry enumeration dims).
-    whole = particles.vectorized and not model_enumerated(pair)
+    # Nor are a pair's with global sites, whose costs span the whole batch.
+    whole = particles.vectorized and not model_enumerated(pair) and globals_[0][0] is None
     weights = LogWeights(log_p, log_q, score_log_q, batch, pair if whole else None)
     weights.extra = torch.cat(extras) if extras else None
+    if globals_[0][0] is not None:
+        weights.global_log_w = torch.cat([g.expand(K) for g, _ in globals_])
+        weights.global_latents = globals_[0][1]
     return weights
+
+
+def global_terms(pair: Pair, K: int) -> tuple[torch.Tensor | None, tuple[str, ...]]:
+    """`([K], names)`: `G = log p - log q` of the sites outside the batch plate (`None`
+    without any), and the guide's global latents that are not point masses."""
+    total, latents = None, []
+    for sign, trace in zip((1.0, -1.0), pair, strict=True):
+        for site in density_sites(trace):
+            if batch_frame(site) is not None:
+                continue
+            term = sign * to_kb(site["log_prob"], particle_dim(site), None).reshape(-1)
+            total = term if total is None else total + term
+            if sign < 0 and not _is_point_mass(site["fn"]):
+                latents.append(site["name"])
+    return (None if total is None else total.expand(K)), tuple(latents)
+
+
+def _is_point_mass(fn) -> bool:
+    while hasattr(fn, "base_dist"):  # masked, independent, expanded wrappers
+        fn = fn.base_dist
+    return isinstance(fn, Delta)
+
+
+def local_sites(trace: Trace) -> list[dict]:
+    """The density sites inside the batch plate (weighed per datum)."""
+    return [site for site in density_sites(trace) if batch_frame(site) is not None]
 
 
 def guide_enumeration_error(names: list[str]) -> BatchPlateError:

@@ -24,7 +24,7 @@ from pyro.util import warn_if_nan
 
 from ..draw import draw_particles, plate_nesting
 from ..plate import BatchInfo
-from ..validation import NoSampleSitesError
+from ..validation import NoSampleSitesError, global_latent_error
 from ..weights import LogWeights, PairTerm, compute_log_weights
 from .baseline import unused_baseline_check
 
@@ -202,6 +202,22 @@ class BatchObjective(ELBO):
 
     # -- the objective ---------------------------------------------------------
 
+    #: Whether guide sites outside the batch plate may be random (not point masses):
+    #: true for the ELBO family, whose objective is a sum over sites.
+    global_latents_allowed: bool = False
+
+    def global_term(self, weights: LogWeights) -> torch.Tensor | None:
+        """`G`, the sites outside the batch plate, averaged over particles (`None` without).
+
+        Objectives that take a logsumexp per datum refuse random global latents
+        (`global_latents_allowed`): the per-datum bound is undefined for them.
+        """
+        if weights.global_log_w is None:
+            return None
+        if weights.global_latents and not self.global_latents_allowed:
+            raise global_latent_error(list(weights.global_latents), type(self).__name__)
+        return weights.global_log_w.mean()
+
     def per_datum(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """Return `(L_b, surrogate_b)`, both of shape `[B]`.
 
@@ -222,8 +238,9 @@ class BatchObjective(ELBO):
         except NoSampleSitesError:
             return Losses(("loss",), (torch.zeros(()),), None)
         value, surrogate = self.per_datum(weights)
-        loss = -self.reduce(value, weights.batch).detach()
-        surrogate_loss = -self.reduce(surrogate, weights.batch)
+        G = self.global_term(weights)
+        loss = -self.reduce(value, weights.batch, None if G is None else G.detach()).detach()
+        surrogate_loss = -self.reduce(surrogate, weights.batch, G)
         if surrogate_loss.requires_grad:
             loss = loss + (surrogate_loss - surrogate_loss.detach())
         warn_if_nan(loss, "loss")

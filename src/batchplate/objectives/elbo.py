@@ -46,6 +46,9 @@ class Trace_ELBO(BatchObjective):
     variational inference*.
     """
 
+    # Global latents enter once, as the term G (the ELBO is a sum over sites).
+    global_latents_allowed = True
+
     def __init__(self, *args, estimator: str = "standard", **kwargs) -> None:
         self.estimator = check_estimator(estimator, _REFUSED, "Trace_ELBO")
         super().__init__(*args, **kwargs)

@@ -49,6 +49,8 @@ class TraceEnum_ELBO(BatchObjective):
         `vectorize_particles`, ...).
     """
 
+    global_latents_allowed = True
+
     def __init__(
         self,
         num_particles: int = 1,
