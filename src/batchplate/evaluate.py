@@ -9,6 +9,7 @@ import torch
 from pyro import poutine
 from pyro.poutine import Trace
 
+from .autobatch import autobatch_log_weights
 from .draw import draw_particles, plate_nesting, subsample_trace
 from .plate import check_positive_int
 from .validation import global_latent_error
@@ -42,6 +43,7 @@ def log_evidence(
     chunk_size: int = 100,
     vectorize_particles: bool = True,
     max_plate_nesting: float = math.inf,
+    autobatch: bool = False,
     **kwargs,
 ) -> torch.Tensor:
     """Importance-sampling estimates of `log p(x_b)` for each datum, shape `[B]`.
@@ -55,10 +57,14 @@ def log_evidence(
     Programs whose control flow depends on sampled values need
     `vectorize_particles=False` (then particles are traced one at a time).
     With a subsampled batch plate the estimates are for the subsampled data.
+    With `autobatch=True` a sequential batch-plate program's lanes run batched
+    (see `batchplate.autobatch`), `chunk_size` particles of every datum at once.
     """
     check_positive_int("num_particles", num_particles)
     check_positive_int("chunk_size", chunk_size)
     chunk_size = min(chunk_size, num_particles)
+    if autobatch:
+        return _autobatched_evidence(model, guide, args, kwargs, num_particles, chunk_size)
     if vectorize_particles and chunk_size > 1:
         max_plate_nesting = plate_nesting(max_plate_nesting, model, guide, args, kwargs)
     total = None
@@ -86,3 +92,19 @@ def log_evidence(
         total = chunk if total is None else torch.logaddexp(total, chunk)
         done += k
     return total - math.log(num_particles)
+
+
+def _autobatched_evidence(
+    model: Callable, guide: Callable, args: tuple, kwargs: dict, K: int, chunk_size: int
+) -> torch.Tensor:
+    """`log_evidence` with lanes: chunks of `chunk_size` particles, one minibatch."""
+    total, done, subsample = None, 0, {}
+    while done < K:
+        k = min(chunk_size, K - done)
+        log_p, log_q, _, _ = autobatch_log_weights(
+            model, guide, args, kwargs, num_particles=k, subsample=subsample
+        )
+        chunk = torch.logsumexp(log_p - log_q, dim=0)
+        total = chunk if total is None else torch.logaddexp(total, chunk)
+        done += k
+    return total - math.log(K)

@@ -23,6 +23,7 @@ from pyro.distributions import Delta
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine import Trace
 
+from .autobatch import autobatch_log_weights
 from .contraction import guide_enumerated, marginal_log_p, model_enumerated
 from .draw import PARTICLE_PLATE, Pair, Particles, draw_particles, subsample_indices
 from .errors import BatchPlateError
@@ -338,6 +339,7 @@ def log_weights(
     num_particles: int = 1,
     vectorize_particles: bool = False,
     max_plate_nesting: float = math.inf,
+    autobatch: bool = False,
     **kwargs,
 ) -> torch.Tensor:
     """The `[K, B]` tensor of per-datum log weights `l[k, b]` (the Contract page).
@@ -354,7 +356,20 @@ def log_weights(
         (the program must have static structure).
     :param max_plate_nesting: bound on the program's nested vectorized plates;
         guessed by running the program once when omitted.
+    :param autobatch: run a sequential batch-plate program's lanes batched
+        (see `batchplate.autobatch`); `vectorize_particles=False` then runs the
+        `B` lanes of one particle at a time.
     """
+    if autobatch:
+        drawn = autobatch_log_weights(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=num_particles,
+            vectorize_particles=vectorize_particles,
+        )
+        return LogWeights(*drawn).log_w
     particles = draw_particles(
         model,
         guide,

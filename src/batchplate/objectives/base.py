@@ -18,13 +18,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.poutine import Trace
-from pyro.util import warn_if_nan
 
+from ..autobatch import autobatch_log_weights
 from ..draw import draw_particles, plate_nesting
-from ..plate import BatchInfo
-from ..validation import NoSampleSitesError, global_latent_error
+from ..plate import BatchInfo, check_positive_int
+from ..validation import (
+    NoSampleSitesError,
+    global_latent_error,
+    non_finite_gradient_error,
+    non_finite_loss_error,
+)
 from ..weights import LogWeights, PairTerm, compute_log_weights
 from .baseline import unused_baseline_check
 
@@ -54,6 +60,14 @@ class Losses:
     """The batch plate of this step (`None` for a program without sample sites)."""
     skipped: tuple[str, ...] = ()
     """Names of the losses that were not computed (their values are NaN)."""
+    per_datum: torch.Tensor | None = None
+    """The per-datum objective values `L_b`, when known (to name a non-finite datum)."""
+
+    def check_finite(self) -> None:
+        """Raise `BatchPlateError` if a computed loss is NaN or infinite."""
+        for name, value in zip(self.names, self.values, strict=True):
+            if name not in self.skipped and not bool(torch.isfinite(value.detach())):
+                raise non_finite_loss_error(name, value.detach(), self.per_datum)
 
     def result(self) -> float | tuple[float, ...]:
         """What `loss` and `loss_and_grads` return: a float, or a tuple of floats."""
@@ -83,6 +97,10 @@ class BatchObjective(ELBO):
         so plain SGD sees the per-datum gradient scale; `"sum"` returns
         `N/B` times their sum, an unbiased estimate of the whole-dataset sum
         (Pyro's convention for subsampled plates).
+    :param autobatch: run a program written with a sequential batch plate
+        over all its lanes (particle, datum) at once, batching sample sites and
+        module calls across lanes (see `batchplate.autobatch`); same numbers as
+        the sequential program on the same draws.
     """
 
     compiles = False
@@ -101,6 +119,7 @@ class BatchObjective(ELBO):
         jit_options: dict | None = None,
         retain_graph: bool | None = None,
         reduction: str = "mean",
+        autobatch: bool = False,
     ) -> None:
         if max_iarange_nesting is not None:
             warnings.warn(
@@ -118,8 +137,7 @@ class BatchObjective(ELBO):
                 f"{type(self).__name__} does not compile. Use its Jit variant "
                 "(batchplate.JitTrace_ELBO, ...) or drop the keyword."
             )
-        if not (isinstance(num_particles, int) and num_particles >= 1):
-            raise ValueError(f"num_particles must be a positive int, got {num_particles!r}")
+        check_positive_int("num_particles", num_particles)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -133,6 +151,7 @@ class BatchObjective(ELBO):
         # program's own nesting and let draw_particles place the particle plate.
         self.max_plate_nesting = max_plate_nesting
         self.reduction = reduction
+        self.autobatch = autobatch
         self._baselines_checked: set[int] = set()
 
     # -- draw, check, reduce ---------------------------------------------------
@@ -159,6 +178,10 @@ class BatchObjective(ELBO):
         term (see `batchplate.weights.compute_log_weights`).
         """
         K = self.num_particles if num_particles is None else num_particles
+        if self.autobatch:
+            return self._weigh_autobatched(
+                model, guide, args, kwargs, K, sleep, detach_guide, extra, prior, subsample
+            )
         vectorize = self.vectorize_particles and K > 1
         if vectorize and self.max_plate_nesting == math.inf:  # guessed once per objective
             self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
@@ -184,6 +207,32 @@ class BatchObjective(ELBO):
             return contextlib.nullcontext()
         self._baselines_checked.add(id(guide))
         return unused_baseline_check(type(self).__name__)
+
+    def _weigh_autobatched(
+        self, model, guide, args, kwargs, K, sleep, detach_guide, extra, prior, subsample
+    ) -> LogWeights:
+        """`weigh` with `autobatch=True`: lanes instead of traces (no trace pairs)."""
+        if extra is not None or prior:
+            what = "an estimator's per-pair term" if extra is not None else "prior proposals"
+            raise ValueError(
+                f"{type(self).__name__} needs {what}, which autobatch does not provide yet; "
+                "use autobatch=False"
+            )
+        fixed = None
+        if subsample is not None:
+            fixed = {n: s["value"] for n, s in subsample.nodes.items() if s["type"] == "sample"}
+        drawn = autobatch_log_weights(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=K,
+            vectorize_particles=self.vectorize_particles,
+            sleep=sleep,
+            detach_guide=detach_guide,
+            subsample=fixed,
+        )
+        return LogWeights(*drawn)
 
     def reduce(
         self, per_datum: torch.Tensor, batch: BatchInfo, global_term: torch.Tensor | None = None
@@ -243,27 +292,89 @@ class BatchObjective(ELBO):
         surrogate_loss = -self.reduce(surrogate, weights.batch, G)
         if surrogate_loss.requires_grad:
             loss = loss + (surrogate_loss - surrogate_loss.detach())
-        warn_if_nan(loss, "loss")
-        return Losses(("loss",), (loss,), weights.batch)
+        return Losses(("loss",), (loss,), weights.batch, per_datum=value.detach())
 
     def differentiable_loss(
         self, model: Callable, guide: Callable, *args, **kwargs
     ) -> torch.Tensor:
-        """A scalar tensor: its value is the loss `-L`, its gradient the estimator's."""
-        return self.local_losses(model, guide, *args, **kwargs).total()
+        """A scalar tensor: its value is the loss `-L`, its gradient the estimator's.
+
+        A non-finite loss raises `BatchPlateError` (see `loss_and_grads`).
+        """
+        losses = self.local_losses(model, guide, *args, **kwargs)
+        losses.check_finite()
+        return losses.total()
 
     def loss(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """The loss `-L` as a float (a tuple for several losses), without gradients."""
+        """The loss `-L` as a float (a tuple for several losses), without gradients.
+
+        A non-finite loss raises `BatchPlateError` naming the data.
+        """
         with torch.no_grad():
-            return self.local_losses(model, guide, *args, **kwargs).result()
+            losses = self.local_losses(model, guide, *args, **kwargs)
+        losses.check_finite()
+        return losses.result()
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs) -> float:
-        """The loss as a float; accumulates the estimator's gradients into `.grad`."""
-        losses = self.local_losses(model, guide, *args, **kwargs)
+        """The loss as a float; accumulates the estimator's gradients into `.grad`.
+
+        The step is atomic: if the loss or the gradient of any Pyro parameter
+        is NaN or infinite, every `.grad` is left as it was and
+        `BatchPlateError` names the loss (and data) or the parameters. Raised
+        inside `pyro.infer.SVI.step`, before its optimizer step, it leaves the
+        parameters and the optimizer state unchanged too. To skip such steps
+        instead of stopping, catch it: `try: svi.step(x)` /
+        `except BatchPlateError: pass`.
+        """
+        with poutine.trace(param_only=True) as capture:
+            losses = self.local_losses(model, guide, *args, **kwargs)
+        losses.check_finite()
         total = losses.total()
         if total.requires_grad:
-            total.backward(retain_graph=self.retain_graph)
+            atomic_backward(total, step_params(capture.trace), self.retain_graph)
         return losses.result()
 
     def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - ELBO's abstract hook
         raise NotImplementedError("batchplate objectives draw particles through weigh()")
+
+
+def step_params(trace: Trace) -> dict[str, torch.Tensor]:
+    """The unconstrained leaf tensors of the Pyro parameters a step used (SVI's set)."""
+    return {
+        name: site["value"].unconstrained()
+        for name, site in trace.nodes.items()
+        if site["type"] == "param"
+    }
+
+
+def atomic_backward(
+    total: torch.Tensor, params: dict[str, torch.Tensor], retain_graph: bool | None
+) -> None:
+    """`total.backward()`, kept only if every parameter's new gradient is finite.
+
+    The earlier `.grad` tensors are set aside during the backward pass (no
+    copy), so on failure each is put back as it was; on success the step's
+    gradient is added to it, as a plain backward pass would.
+    """
+    previous = {name: p.grad for name, p in params.items()}
+    for p in params.values():
+        p.grad = None
+    try:
+        total.backward(retain_graph=retain_graph)
+        fresh = [p.grad for p in params.values() if p.grad is not None]
+        # One device sync for all parameters; names are looked up only on failure.
+        if fresh and not bool(torch.stack([torch.isfinite(g).all() for g in fresh]).all()):
+            bad = [n for n, p in params.items() if p.grad is not None and not _finite(p.grad)]
+            raise non_finite_gradient_error(bad)
+    except BaseException:
+        for name, p in params.items():
+            p.grad = previous[name]
+        raise
+    for name, p in params.items():
+        old = previous[name]
+        if old is not None:
+            p.grad = old if p.grad is None else old.add_(p.grad)
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())

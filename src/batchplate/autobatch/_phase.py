@@ -1,0 +1,401 @@
+"""One run of one program (model or guide) over all lanes, round by round.
+
+A round resumes every runnable lane until it suspends (at a sample site or
+a module call) or finishes; the suspended requests are then grouped by what
+can be computed together (not by site name, which differs per datum) and each
+group is drawn, replayed and scored as one tensor operation. Log densities
+are kept as `(lane indices, [n] terms)` and summed into `[K, B]` at the end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from greenlet import getcurrent
+from pyro.poutine.runtime import _DIM_ALLOCATOR, _PYRO_STACK
+
+from ..errors import BatchPlateError
+from ..plate import BatchFrame, BatchInfo
+from ..validation import GLOBAL_LATENT_HINT
+from ._lanes import Call, Lane, LaneMessenger, Shared
+from ._stack import (
+    as_lane_tensor,
+    build,
+    call_signature,
+    dist_spec,
+    same_objects,
+    same_output,
+    stack,
+    stacked_call,
+    warn_once,
+)
+
+Terms = list[tuple[list[int], torch.Tensor]]
+
+
+@dataclass
+class PhaseSpec:
+    """What a phase runs and how its sites get values.
+
+    :param role: `"model"` or `"guide"`.
+    :param program: the model or the guide.
+    :param args: its positional arguments.
+    :param kwargs: its keyword arguments, or per particle `k` (`kwargs_of`).
+    :param replay: per lane index, site name to value: sites of these names take them.
+    :param uncondition: sample observed sites too (the sleep phase's fantasies).
+    :param detach: detach drawn values before scoring (RWS).
+    :param kwargs_of: per-particle keyword arguments (the sleep guide's `observations`).
+    """
+
+    role: str
+    program: Callable
+    args: tuple
+    kwargs: dict
+    replay: dict[int, dict] | None = None
+    uncondition: bool = False
+    detach: bool = False
+    kwargs_of: Callable[[int], dict] | None = None
+
+
+@dataclass
+class Phase:
+    """The state of one phase: its lanes, their values and their log densities."""
+
+    spec: PhaseSpec
+    K: int
+    B: int | None
+    shared: Shared
+    scheduler: Any = field(default_factory=getcurrent)
+    lanes: list[Lane] = field(default_factory=list)
+    runnable: list = field(default_factory=list)
+    terms: Terms = field(default_factory=list)
+    score_terms: Terms = field(default_factory=list)
+    names: list[tuple[list[int], list[str], torch.Tensor]] = field(default_factory=list)
+    values: dict[int, dict[str, Any]] = field(default_factory=dict)
+    observed: dict[int, dict[str, Any]] = field(default_factory=dict)
+    taken: dict[tuple[int, str], Lane] = field(default_factory=dict)
+    frame: BatchFrame | None = None
+
+    # -- lanes -----------------------------------------------------------------
+
+    def run(self) -> Phase:
+        """Run every lane to its end, round by round."""
+        outer, dims = _PYRO_STACK[:], _DIM_ALLOCATOR._stack[:]
+        base = outer + [LaneMessenger(self.shared)]
+        self._base, self._dims = base, dims
+        if self.B is None:  # the first lane finds B at the batch plate and spawns the rest
+            self._spawn(0, 0)
+        else:
+            for k in range(self.K):
+                for b in range(self.B):
+                    self._spawn(k, b)
+        try:
+            while self.runnable:
+                pending, i = [], 0
+                while i < len(self.runnable):  # lanes spawned in this round join it
+                    lane, answer = self.runnable[i]
+                    i += 1
+                    request = lane.switch(answer)
+                    if not lane.dead:
+                        pending.append((lane, request))
+                self.runnable = self._execute(pending)
+        except BaseException:
+            self._end_lanes()
+            raise
+        finally:
+            _PYRO_STACK[:] = outer
+            _DIM_ALLOCATOR._stack[:] = dims
+        self._check_lanes()
+        return self
+
+    def _spawn(self, k: int, b: int) -> None:
+        spec = self.spec
+        kwargs = spec.kwargs if spec.kwargs_of is None else spec.kwargs_of(k)
+        lane: Lane
+        dims = self._dims
+
+        def main(*_: object) -> None:
+            _PYRO_STACK[:] = self._base
+            _DIM_ALLOCATOR._stack[:] = dims
+            lane.base_len = len(self._base)
+            spec.program(*spec.args, **kwargs)
+
+        lane = Lane(self, k, b, main)
+        self.lanes.append(lane)
+        self.runnable.append((lane, None))
+
+    def _end_lanes(self) -> None:
+        """End suspended lanes in their own stacks, so their `with` blocks unwind there."""
+        for lane in self.lanes:
+            if lane and not lane.dead:
+                try:
+                    lane.throw()
+                except BaseException:  # noqa: BLE001 - ending, whatever the lane raises
+                    pass
+
+    def enter_plate(self, lane: Lane, plate: Any) -> int:
+        """The lane reached its sequential batch plate: its datum's position."""
+        if lane.plate_name is not None and lane.plate_name != plate.name:
+            raise BatchPlateError(
+                f"batch_plate('{plate.name}') after batch_plate('{lane.plate_name}') in the "
+                f"{self.spec.role}: a program has exactly one batch plate."
+            )
+        if lane.in_plate:
+            raise BatchPlateError(
+                f"batch_plate('{plate.name}') is nested inside batch_plate('{lane.plate_name}'): "
+                "a program has exactly one batch plate; use pyro.plate inside a datum."
+            )
+        lane.plate_name = plate.name
+        size = plate.subsample_size
+        lane.plate_scale = (plate.size, size)
+        lane.frame = BatchFrame(
+            name=plate.name, dim=None, size=size, counter=lane.b + 1, full_size=plate.size
+        )
+        if self.B is None:
+            self.B = size
+            for k in range(self.K):
+                for b in range(size):
+                    if (k, b) != (0, 0):
+                        self._spawn(k, b)
+        elif size != self.B:
+            raise BatchPlateError(
+                f"the {self.spec.role}'s batch_plate('{plate.name}') has {size} data where the "
+                f"other program's has {self.B}: model and guide disagree on the batch plate."
+            )
+        return lane.b
+
+    # -- checks ---------------------------------------------------------------
+
+    def check_site(self, lane: Lane, msg: dict) -> None:
+        """One batch plate for all sites; site names unique within a particle."""
+        frame = lane.frame
+        if self.frame is None:
+            self.frame = frame
+        elif (frame.name, frame.size, frame.full_size) != (
+            self.frame.name,
+            self.frame.size,
+            self.frame.full_size,
+        ):
+            raise BatchPlateError(
+                f"{self.spec.role} site '{msg['name']}' lies in batch plate '{frame.name}' "
+                f"(size {frame.size}), other sites in '{self.frame.name}' (size "
+                f"{self.frame.size}): a program has exactly one batch plate."
+            )
+        other = self.taken.setdefault((lane.k, msg["name"]), lane)
+        if other is not lane:
+            raise BatchPlateError(
+                f"{self.spec.role} site '{msg['name']}' is drawn at datum {other.b} and at datum "
+                f"{lane.b} of particle {lane.k}. Site names must differ per datum (e.g. "
+                "f'z_{i}' with i the index the batch plate yields). Under autobatch each lane "
+                "runs one iteration of the batch plate's loop, so counting iterations "
+                "(enumerate, a counter) sees 0 in every lane: use the yielded index or the "
+                "plate's `datum`."
+            )
+        lane.sites += 1
+
+    def outside_error(self, lane: Lane, msg: dict) -> BatchPlateError:
+        return BatchPlateError(
+            f"{self.spec.role} site '{msg['name']}' is outside the batch plate ({lane}). "
+            "Under autobatch, code outside the batch plate's loop runs once per lane and must "
+            f"not sample. {GLOBAL_LATENT_HINT}"
+        )
+
+    def _check_lanes(self) -> None:
+        if self.B is None or self.frame is None:
+            raise BatchPlateError(
+                f"the {self.spec.role} has no sample site inside a batch plate: nothing to weigh"
+            )
+        empty = [lane for lane in self.lanes if lane.sites == 0]
+        if empty and self.spec.role == "model":
+            raise BatchPlateError(
+                f"no model site at datum {empty[0].b} of batch plate '{self.frame.name}' "
+                f"({empty[0]}): its log weight would be 0; every datum needs its sites."
+            )
+
+    @property
+    def batch(self) -> BatchInfo:
+        return BatchInfo.of(self.frame)
+
+    # -- rounds ---------------------------------------------------------------
+
+    def _execute(self, pending: list) -> list:
+        """Answer every suspended lane: one group per batchable kind of request."""
+        groups: dict[Any, list] = {}
+        for lane, request in pending:
+            if isinstance(request, Call):
+                key = ("call", id(request.module), request.attr) + call_signature(
+                    request.args, request.kwargs
+                )
+                groups.setdefault(key, []).append((lane, request, None))
+            else:
+                key, params = self._sample_key(lane, request)
+                groups.setdefault(key, []).append((lane, request, params))
+        answers = []
+        for key, items in groups.items():
+            if key[0] == "call":
+                outputs = self._calls(key, items)
+            elif key[0] == "lane":
+                outputs = [self._lane_site(item) for item in items]
+            else:
+                outputs = self._sites(key, items)
+            answers.extend(zip((item[0] for item in items), outputs, strict=True))
+        return answers
+
+    def _source(self, lane: Lane, msg: dict) -> str:
+        if msg["is_observed"] and not self.spec.uncondition:
+            return "obs"
+        replay = self.spec.replay
+        if replay is not None and msg["name"] in replay.get(lane.index, ()):
+            return "replay"
+        return "draw"
+
+    def _sample_key(self, lane: Lane, msg: dict) -> tuple[tuple, tuple | None]:
+        source = self._source(lane, msg)
+        spec = dist_spec(msg["fn"])
+        if spec is None:
+            warn_once(f"site '{msg['name']}' ({type(msg['fn']).__name__})", "not stackable")
+            return ("lane", id(msg)), None
+        if source == "obs":
+            shape = as_lane_tensor(msg["value"]).shape
+        elif source == "replay":
+            shape = self.spec.replay[lane.index][msg["name"]].shape
+        else:
+            shape = None
+        scale = msg["scale"]
+        scaled = isinstance(scale, torch.Tensor) or scale != 1.0
+        return ("site", spec[0], source, shape, msg["mask"] is not None, scaled), spec[1]
+
+    # -- sample sites -----------------------------------------------------------
+
+    def _sites(self, key: tuple, items: list) -> list:
+        """Draw, replay or observe a group's sites as one distribution; score it."""
+        _, dist_key, source, _, _, _ = key
+        n, first = len(items), items[0][1]["fn"]
+        try:
+            params = [stack([item[2][j] for item in items]) for j in range(len(items[0][2]))]
+            fn = build(dist_key, params, self.shared.validate)
+            if fn.batch_shape[1:] != first.batch_shape or fn.event_shape != first.event_shape:
+                raise ValueError(f"stacked shape {fn.batch_shape} + {fn.event_shape}")
+        except (ValueError, RuntimeError, TypeError) as e:
+            warn_once(f"site '{items[0][1]['name']}' ({type(first).__name__})", str(e))
+            return [self._lane_site(item) for item in items]
+        dims = len(first.batch_shape) + len(first.event_shape)
+        if source == "draw":
+            value = fn.rsample() if fn.has_rsample else fn.sample()
+            if self.spec.detach:
+                value = value.detach()
+            views = list(value.unbind(0))
+        else:
+            if source == "obs":
+                views = [as_lane_tensor(item[1]["value"]) for item in items]
+            else:
+                views = [self.spec.replay[lane.index][msg["name"]] for lane, msg, _ in items]
+            value = stack(views)
+            if views[0].dim() < dims:  # an observation that broadcasts: align it on the right
+                pad = (1,) * (dims - views[0].dim())
+                value = value.reshape((n,) + pad + views[0].shape)
+        self._record(items, fn.log_prob(value), not fn.has_rsample)
+        self._keep(items, views)
+        return views
+
+    def _lane_site(self, item: tuple) -> Any:
+        """A site that cannot be stacked, drawn and scored in its own lane."""
+        lane, msg, _ = item
+        fn, source = msg["fn"], self._source(lane, msg)
+        if source == "obs":
+            value = msg["value"]
+        elif source == "replay":
+            value = self.spec.replay[lane.index][msg["name"]]
+        else:
+            value = fn.rsample() if fn.has_rsample else fn.sample()
+            if self.spec.detach:
+                value = value.detach()
+        self._record([item], fn.log_prob(value).unsqueeze(0), not fn.has_rsample)
+        self._keep([item], [value])
+        return value
+
+    def _keep(self, items: list, views: list) -> None:
+        """Remember the lanes' values, for the next phase's replay and the sleep's
+        observations."""
+        for (lane, msg, _), view in zip(items, views, strict=True):
+            self.values.setdefault(lane.index, {})[msg["name"]] = view
+            if msg["is_observed"]:
+                self.observed.setdefault(lane.index, {})[msg["name"]] = view
+
+    def _record(self, items: list, log_prob: torch.Tensor, score: bool) -> None:
+        """Add each lane's masked and scaled log density (summed over its inner
+        plates and event dims) to the lane's terms."""
+        msgs = [item[1] for item in items]
+        n, shape = log_prob.shape[0], log_prob.shape[1:]
+        unscaled = log_prob
+        if msgs[0]["mask"] is not None:
+            mask = torch.stack([as_lane_tensor(m["mask"]).expand(shape) for m in msgs])
+            unscaled = torch.where(mask, log_prob, log_prob.new_zeros(()))
+        scaled = unscaled * _scales(msgs, shape, log_prob)
+        ids = [item[0].index for item in items]
+        names = [m["name"] for m in msgs]
+        if log_prob.dim() > 1:
+            scaled, unscaled = scaled.reshape(n, -1).sum(1), unscaled.reshape(n, -1).sum(1)
+        self.terms.append((ids, scaled))
+        self.names.append((ids, names, scaled))
+        if score and self.spec.role == "guide":
+            self.score_terms.append((ids, unscaled))
+
+    # -- module calls -----------------------------------------------------------
+
+    def _calls(self, key: tuple, items: list) -> list:
+        """One call of the module for the group; lane by lane where that is not exact."""
+        call = items[0][1]
+        method = getattr(call.module, call.attr)
+        calls = [(item[1].args, item[1].kwargs) for item in items]
+        if len(calls) == 1 or same_objects(calls):  # e.g. an encoder of the whole minibatch
+            return [method(*call.args, **call.kwargs)] * len(calls)
+        shared = self.shared
+        if key not in shared.unbatchable:
+            try:
+                outputs = stacked_call(method, calls)
+                if key not in shared.verified:
+                    with torch.no_grad():
+                        reference = method(*call.args, **call.kwargs)
+                    if not same_output(reference, outputs[0]):
+                        raise ValueError("its stacked output differs from its lane's own")
+                    shared.verified.add(key)
+                return outputs
+            except (ValueError, RuntimeError, TypeError, IndexError) as e:
+                shared.unbatchable.add(key)
+                warn_once(f"module call '{call.name}.{call.attr}'", str(e))
+        return [method(*args, **kwargs) for args, kwargs in calls]
+
+    # -- [K, B] ---------------------------------------------------------------
+
+    def per_lane(self, terms: Terms) -> torch.Tensor | None:
+        """`[K, B]`: the terms summed per lane (`None` without terms)."""
+        if not terms:
+            return None
+        values = torch.cat([t for _, t in terms])
+        index = torch.tensor([i for ids, _ in terms for i in ids], device=values.device)
+        total = values.new_zeros(self.K * self.B).index_add(0, index, values)
+        return total.reshape(self.K, self.B)
+
+    def culprits(self, k: int, b: int) -> list[str]:
+        """Sites with a non-finite log density in lane `(k, b)`."""
+        index, found = k * self.B + b, []
+        for ids, names, terms in self.names:
+            for i, name, term in zip(ids, names, terms.detach(), strict=True):
+                if i == index and not bool(torch.isfinite(term)):
+                    found.append(f"{self.spec.role} '{name}' ({float(term)})")
+        return found
+
+
+def _scales(msgs: list, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | float:
+    """The sites' scales, `[n, 1, ...]` (or one number when they agree)."""
+    scales = [m["scale"] for m in msgs]
+    first = scales[0]
+    if not any(isinstance(s, torch.Tensor) for s in scales):
+        if all(s == first for s in scales):
+            return first
+        return like.new_tensor(scales).reshape((len(scales),) + (1,) * len(shape))
+    return torch.stack([as_lane_tensor(s).expand(shape) for s in scales]).to(like.dtype)

@@ -1,0 +1,183 @@
+"""Stacking what many lanes ask for into one batched call.
+
+Two kinds of request are batched: a sample site's distribution (stacked into
+one distribution with a leading lane dim) and a call of a registered module
+(its tensor arguments stacked along a new leading dim). Both are checked: a
+distribution is stacked only when its type is known to be determined by its
+constructor parameters, and a module's batched output is compared once per
+step and signature with an unbatched call of the first lane.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import pyro.distributions as dist
+import torch
+
+#: Distribution types whose constructor parameters (in `__dict__`, under these
+#: names) fully determine them, so `type(**stacked params)` is the stacked
+#: distribution. Alternatives in order of preference (`logits` before `probs`:
+#: whichever the program gave is in `__dict__`; the other appears only if read).
+PARAMS: dict[type, tuple[tuple[str, ...], ...]] = {
+    dist.Bernoulli: (("logits",), ("probs",)),
+    dist.Categorical: (("logits",), ("probs",)),
+    dist.OneHotCategorical: (("logits",), ("probs",)),
+    dist.Geometric: (("logits",), ("probs",)),
+    dist.Binomial: (("total_count", "logits"), ("total_count", "probs")),
+    dist.Normal: (("loc", "scale"),),
+    dist.Laplace: (("loc", "scale"),),
+    dist.Cauchy: (("loc", "scale"),),
+    dist.StudentT: (("df", "loc", "scale"),),
+    dist.Gamma: (("concentration", "rate"),),
+    dist.Poisson: (("rate",),),
+    dist.Exponential: (("rate",),),
+    dist.Uniform: (("low", "high"),),
+    dist.Dirichlet: (("concentration",),),
+    dist.Unit: (("log_factor",),),
+}
+
+
+class AutobatchWarning(UserWarning):
+    """Autobatch runs something lane by lane (correct, but without the speed-up)."""
+
+
+_warned: set[str] = set()
+
+
+def warn_once(what: str, why: str) -> None:
+    """Say once per process that `what` falls back to running lane by lane."""
+    if what not in _warned:
+        _warned.add(what)
+        warnings.warn(
+            f"autobatch: {what} runs lane by lane ({why}); its values are exact, only slower",
+            AutobatchWarning,
+            stacklevel=4,
+        )
+
+
+def dist_spec(fn: Any) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
+    """`(key, params)` of a stackable distribution, `None` if it cannot be stacked.
+
+    Two distributions with equal keys stack: same type, same parameter names,
+    shapes and dtypes (hence batch and event shapes), same wrapping.
+    """
+    kind = type(fn)
+    if kind is dist.Independent:
+        inner = dist_spec(fn.base_dist)
+        if inner is None:
+            return None
+        return (kind, fn.reinterpreted_batch_ndims, inner[0]), inner[1]
+    options = PARAMS.get(kind)
+    if options is None:
+        return None
+    given = fn.__dict__
+    for names in options:
+        if all(name in given for name in names):
+            params = tuple(given[name] for name in names)
+            break
+    else:
+        return None
+    shapes = tuple((p.shape, p.dtype) for p in params)
+    extra = getattr(fn, "has_rsample", None) if kind is dist.Unit else None
+    return (kind, names, extra, shapes), params
+
+
+def build(key: tuple, params: Sequence[torch.Tensor], validate: bool) -> Any:
+    """The distribution of `key` (from `dist_spec`) with the given (stacked) parameters."""
+    kind = key[0]
+    if kind is dist.Independent:
+        return dist.Independent(build(key[2], params, validate), key[1], validate_args=validate)
+    kwargs = dict(zip(key[1], params, strict=True), validate_args=validate)
+    if kind is dist.Unit and key[2] is not None:
+        kwargs["has_rsample"] = key[2]
+    return kind(**kwargs)
+
+
+def stack(values: Sequence[torch.Tensor]) -> torch.Tensor:
+    """`[n, ...]`: one tensor per lane; a tensor shared by every lane is only expanded."""
+    first = values[0]
+    for v in values:
+        if v is not first:
+            return torch.stack(list(values))
+    return first.expand((len(values),) + first.shape)
+
+
+def as_lane_tensor(value: Any) -> torch.Tensor:
+    return value if isinstance(value, torch.Tensor) else torch.as_tensor(value)
+
+
+# -- module calls ------------------------------------------------------------------
+
+
+def call_signature(args: tuple, kwargs: dict) -> tuple:
+    """What must agree for calls to stack: tensor shapes and dtypes, other values."""
+    return tuple(_arg_key(a) for a in args), tuple((k, _arg_key(v)) for k, v in kwargs.items())
+
+
+def _arg_key(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return ("tensor", value.shape, value.dtype, value.device)
+    try:
+        hash(value)
+    except TypeError:
+        return ("object", id(value))
+    return ("value", type(value), value)
+
+
+def same_objects(calls: Sequence[tuple[tuple, dict]]) -> bool:
+    """Every lane passes the very same argument objects (e.g. the whole minibatch)."""
+    args0, kwargs0 = calls[0]
+    for args, kwargs in calls[1:]:
+        if any(a is not b for a, b in zip(args, args0, strict=True)):
+            return False
+        if any(kwargs[k] is not v for k, v in kwargs0.items()):
+            return False
+    return True
+
+
+def stacked_call(method: Any, calls: Sequence[tuple[tuple, dict]]) -> list:
+    """Call `method` once on the lanes' stacked arguments; one output per lane."""
+    n = len(calls)
+    args = tuple(_stack_arg([c[0][i] for c in calls]) for i in range(len(calls[0][0])))
+    kwargs = {k: _stack_arg([c[1][k] for c in calls]) for k in calls[0][1]}
+    return split(method(*args, **kwargs), n)
+
+
+def _stack_arg(values: list) -> Any:
+    return stack(values) if isinstance(values[0], torch.Tensor) else values[0]
+
+
+def split(output: Any, n: int) -> list:
+    """One output per lane from a batched output (tensors and tuples of tensors).
+
+    `unbind`, not indexing: its backward is one `stack`, where `n` index
+    backwards would each fill an `[n, ...]` gradient.
+    """
+    if isinstance(output, torch.Tensor):
+        if output.dim() == 0 or output.shape[0] != n:
+            raise ValueError(f"batched output of shape {tuple(output.shape)} has no lane dim")
+        return list(output.unbind(0))
+    if isinstance(output, tuple | list):
+        parts = [split(o, n) for o in output]
+        return [type(output)(p[i] for p in parts) for i in range(n)]
+    raise ValueError(f"cannot split a batched output of type {type(output).__name__}")
+
+
+def same_output(a: Any, b: Any) -> bool:
+    """Equal structure and shapes, values equal to float tolerance."""
+    if isinstance(a, torch.Tensor):
+        return (
+            isinstance(b, torch.Tensor)
+            and a.shape == b.shape
+            and bool(torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5, equal_nan=True))
+        )
+    if isinstance(a, tuple | list):
+        return (
+            isinstance(b, tuple | list)
+            and len(a) == len(b)
+            and all(same_output(x, y) for x, y in zip(a, b, strict=True))
+        )
+    return a == b
