@@ -69,7 +69,7 @@ def global_guide(x):
     pyro.sample("mu", dist.Normal(9.0, 0.1))
 
 
-elbo.loss(global_model, global_guide, x)
+RenyiELBO(num_particles=2).loss(global_model, global_guide, x)
 """,
         """Either the quantity is really global: then the model is not a minibatch of
 independent data; use `pyro.plate` and Pyro's own objectives, or make `mu` a
@@ -248,7 +248,7 @@ def empty(x):
     pass
 
 
-elbo.loss(empty, empty, x)
+batchplate.log_weights(empty, empty, x)  # the objectives return 0, as Pyro's do
 """,
         """Observe the data inside the batch plate with
 `pyro.sample(..., obs=...)`.""",
@@ -325,6 +325,84 @@ batchplate.check_batch_independence(model, batchnorm_guide, x)
 """,
         """Use a per-datum normalization (`nn.LayerNorm`), or put batch normalization
 in `eval()` mode; run the check once before training.""",
+    ),
+]
+
+CASES += [
+    (
+        "Model and guide disagree on the latent sites",
+        """Strict matching, on whether or not Pyro's validation is: the guide must sample
+every latent site of the model, under the same name, and nothing else. A guide
+site with a typo leaves the model's latent to be drawn from its prior (weighed as
+if the guide had proposed it) and adds `-log q` of a site the model never sees.""",
+        """\
+def typo_guide(x):
+    with batch_plate("data", len(x)):
+        pyro.sample("ww", dist.Normal(x, 1.0))
+
+
+elbo.loss(model, typo_guide, x)
+""",
+        """Use the model's names; the message names the nearest one. A site hidden by
+`poutine.block` in the guide shows up the same way.""",
+    ),
+    (
+        "An observed site in the guide",
+        """A guide proposes latents; `obs=` (or `poutine.condition`) in the guide adds
+`log q` of a value it did not draw.""",
+        """\
+def observing_guide(x):
+    with batch_plate("data", len(x)):
+        pyro.sample("w", dist.Normal(x, 1.0))
+        pyro.sample("x", dist.Normal(x, 1.0), obs=x)
+
+
+elbo.loss(model, observing_guide, x)
+""",
+        """Remove `obs=` from the guide. To weigh model and guide at given latent values,
+use `batchplate.log_weights(model, batchplate.replay_latents(guide, values), x)`.""",
+    ),
+    (
+        "A non-finite gradient",
+        """A step whose loss or any gradient is NaN or infinite is refused as a whole:
+`loss_and_grads` leaves every `.grad` as it was, and under `pyro.infer.SVI` the
+parameters and the optimizer state are unchanged too.""",
+        """\
+def sqrt_guide(x):
+    s = pyro.param("s", torch.zeros(3))
+    with batch_plate("data", len(x)):
+        pyro.sample("w", dist.Normal(x, 0.5 + s.abs() ** 0.5))  # infinite slope at s = 0
+
+
+svi = pyro.infer.SVI(model, sqrt_guide, pyro.optim.Adam({"lr": 0.1}), elbo)
+svi.step(x)
+""",
+        """Fix the parameterization (here a scale with an infinite derivative at 0), or
+lower the learning rate. To skip such steps instead, catch the error:
+`try: svi.step(x)` / `except BatchPlateError: pass` (the step changed nothing).""",
+    ),
+    (
+        "NaN in the data",
+        """A NaN or infinite value in an input fails inside the program; batchplate names
+the rows (data) that hold it before Pyro's support error.""",
+        """\
+bad = x.clone()
+bad[1] = float("nan")
+elbo.loss(model, guide, bad)
+""",
+        """Remove or impute those data.""",
+    ),
+    (
+        "Bad minibatch indices or sizes",
+        """Explicit `subsample=` indices must be distinct integers in `[0, size)`, and
+`subsample_size` at most `size`; an empty batch and a particle count that is not
+a positive int (`0`, `-1`, `True`) are refused the same way.""",
+        """\
+with batch_plate("data", 10, subsample=torch.tensor([3, 99])):
+    pass
+""",
+        """Draw indices with `torch.randperm(size)[:B]`, or let the plate subsample
+(`subsample_size=B`).""",
     ),
 ]
 
