@@ -22,7 +22,14 @@ from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
 
 from .errors import BatchPlateError
-from .validation import check_pair, contributes, dynamic_program_error
+from .plate import check_positive_int
+from .validation import (
+    check_pair,
+    contributes,
+    dynamic_program_error,
+    non_finite_data_error,
+    non_finite_input_error,
+)
 
 #: Name of the outermost plate that vectorizes particles (Pyro's own name).
 PARTICLE_PLATE = "num_particles_vectorized"
@@ -103,7 +110,13 @@ def subsample_indices(trace: Trace, plate_name: str) -> torch.Tensor | None:
 
 def _scored(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float) -> Pair:
     # Subsample sites stay in the traces: their indices name data in error messages.
-    model_trace.compute_log_prob(_has_density)
+    try:
+        model_trace.compute_log_prob(_has_density)
+    except ValueError as e:  # Pyro's support check: name the datum with a NaN/inf first
+        error = None if isinstance(e, BatchPlateError) else non_finite_data_error(model_trace, e)
+        if error is None:
+            raise
+        raise error from e
     guide_trace.compute_log_prob(_has_density)
     check_pair(model_trace, guide_trace, max_plate_nesting)
     return model_trace, guide_trace
@@ -126,8 +139,14 @@ def wake_pair(
     `detach_guide` cuts the model's dependence on the guide's parameters
     through the drawn values (reweighted wake-sleep's wake phase).
     """
-    run = (model, guide, args, kwargs, detach_guide)
-    guide_trace, model_trace, max_plate_nesting = _enumerated_wake(run, max_plate_nesting)
+    try:
+        run = (model, guide, args, kwargs, detach_guide)
+        guide_trace, model_trace, max_plate_nesting = _enumerated_wake(run, max_plate_nesting)
+    except ValueError as e:  # Pyro's bare support error: name the datum with a NaN first
+        error = None if isinstance(e, BatchPlateError) else non_finite_input_error(args, kwargs, e)
+        if error is None:
+            raise
+        raise error from e
     return _scored(model_trace, guide_trace, max_plate_nesting)
 
 
@@ -252,6 +271,7 @@ def draw_particles(
     subsample indices; when it is `None`, per-particle pairs reuse the first
     particle's.
     """
+    check_positive_int("num_particles", num_particles)
     pair = sleep_pair if sleep else functools.partial(wake_pair, detach_guide=detach_guide)
     pair = prior_pair if prior else pair
     fixed = subsample is not None
