@@ -47,6 +47,6 @@ class VIMCO(BatchObjective):
         bound = torch.logsumexp(weights.log_w, dim=0) - math.log(K)
         if weights.score_log_q is None:
             return bound, bound
-        with torch.no_grad():
-            signal = bound.unsqueeze(0) - leave_one_out_bounds(weights.log_w)
+        # .detach(), not torch.no_grad(): a traced (Jit) step does not record no_grad.
+        signal = (bound.unsqueeze(0) - leave_one_out_bounds(weights.log_w)).detach()
         return bound, bound + (signal * weights.score_log_q).sum(0)

@@ -1,0 +1,127 @@
+"""TraceMeanField_ELBO: stock Pyro's analytic-KL value and gradients per datum, same draws."""
+
+from __future__ import annotations
+
+import pyro
+import pyro.distributions as dist
+import pyro.infer
+import pytest
+import torch
+from pyro import poutine
+
+import batchplate
+from batchplate import batch_plate
+
+X = torch.tensor([0.5, 2.0, -1.0, 0.3])
+
+
+def programs(plate, layout: str, mask=None, scale=1.0):
+    """`w` has an analytic KL (Normal/Normal); `v` (LogNormal guide, Gamma prior) has not."""
+
+    def model(x):
+        p = pyro.param("p", torch.tensor(0.3))
+        if layout == "vectorized":
+            with plate("data", len(x)) as idx:
+                w = pyro.sample("w", dist.Normal(p, 1.0))
+                v = pyro.sample("v", dist.Gamma(2.0, 2.0))
+                pyro.sample("x", dist.Normal(w, v), obs=x[idx])
+            return
+        for i in plate("data", len(x)):
+            w = pyro.sample(f"w_{i}", dist.Normal(p, 1.0))
+            v = pyro.sample(f"v_{i}", dist.Gamma(2.0, 2.0))
+            pyro.sample(f"x_{i}", dist.Normal(w, v), obs=x[i])
+
+    def guide(x):
+        a = pyro.param("a", torch.tensor(0.1))
+        c = pyro.param("c", torch.tensor(0.5))
+        if layout == "vectorized":
+            with plate("data", len(x)) as idx:
+                xb = x[idx]
+                with poutine.mask(mask=True if mask is None else mask), poutine.scale(scale=scale):
+                    pyro.sample("w", dist.Normal(c * xb, a.exp()))
+                pyro.sample("v", dist.LogNormal(c * xb, 1.0))
+            return
+        for i in plate("data", len(x)):
+            pyro.sample(f"w_{i}", dist.Normal(c * x[i], a.exp()))
+            pyro.sample(f"v_{i}", dist.LogNormal(c * x[i], 1.0))
+
+    return model, guide
+
+
+def run(objective, plate, layout, x=X, **options):
+    pyro.clear_param_store()
+    model, guide = programs(plate, layout, **options)
+    pyro.set_rng_seed(3)
+    loss = objective.loss_and_grads(model, guide, x)
+    grads = {n: pyro.param(n).unconstrained().grad.clone() for n in ("a", "c", "p")}
+    return loss, grads
+
+
+def assert_stock(stock, ours, factor):
+    assert ours[0] == pytest.approx(stock[0] / factor, rel=1e-5)
+    for name, grad in ours[1].items():
+        assert torch.allclose(grad, stock[1][name] / factor, rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "layout, vectorize, K",
+    [("vectorized", False, 1), ("vectorized", True, 3), ("sequential", False, 3)]
+    + [("sequential", True, 3)],
+)
+def test_equals_stock_on_the_same_draws(layout, vectorize, K, reduction):
+    options = {"num_particles": K, "vectorize_particles": vectorize, "max_plate_nesting": 1}
+    stock = run(pyro.infer.TraceMeanField_ELBO(**options), pyro.plate, layout)
+    ours = run(batchplate.TraceMeanField_ELBO(reduction=reduction, **options), batch_plate, layout)
+    assert_stock(stock, ours, len(X) if reduction == "mean" else 1)
+
+
+def test_mask_and_user_scale_equal_stock():
+    """The KL is masked and scaled by the guide site's mask and user scale, as in Pyro."""
+    options = {"mask": torch.tensor([True, False, True, True]), "scale": 0.3}
+    stock = run(pyro.infer.TraceMeanField_ELBO(), pyro.plate, "vectorized", **options)
+    ours = run(batchplate.TraceMeanField_ELBO(), batch_plate, "vectorized", **options)
+    assert_stock(stock, ours, len(X))
+
+
+def test_subsampling_leaves_n_over_b_out_of_the_kl():
+    """`reduction="sum"` on a subsampled plate: `N/B` times stock on the minibatch alone
+    (stock with a subsampled plate gives the same here: nothing is a score term)."""
+    data = torch.cat([X, torch.tensor([1.5, -0.7])])
+    idx = torch.tensor([5, 2])
+
+    def sub(name, size):
+        return batch_plate(name, len(data), subsample=idx)
+
+    stock = run(pyro.infer.TraceMeanField_ELBO(), pyro.plate, "vectorized", x=data[idx])
+    ours = run(batchplate.TraceMeanField_ELBO(reduction="sum"), sub, "vectorized", x=data)
+    assert_stock(stock, ours, len(idx) / len(data))
+    means = run(batchplate.TraceMeanField_ELBO(), sub, "vectorized", x=data)
+    assert_stock(stock, means, len(idx))
+
+
+def test_value_has_lower_variance_than_trace_elbo():
+    """The analytic KL removes the latent terms' Monte Carlo noise (same ELBO in mean)."""
+    model, guide = programs(batch_plate, "vectorized")
+    values = {}
+    for cls in (batchplate.Trace_ELBO, batchplate.TraceMeanField_ELBO):
+        values[cls] = torch.tensor([cls().loss(model, guide, X) for _ in range(300)])
+    mc, kl = values[batchplate.Trace_ELBO], values[batchplate.TraceMeanField_ELBO]
+    assert kl.std() < 0.8 * mc.std()
+    # Same expectation: the difference of means is within 4 standard errors.
+    se = (mc.var() / 300 + kl.var() / 300).sqrt()
+    assert (mc.mean() - kl.mean()).abs() < 4 * se
+
+
+def test_non_reparameterized_guide_site_is_refused():
+    def model(x):
+        with batch_plate("data", len(x)):
+            z = pyro.sample("z", dist.Bernoulli(0.5))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with batch_plate("data", len(x)):
+            pyro.sample("z", dist.Bernoulli(0.3))
+
+    with pyro.validation_enabled(False), pytest.raises(NotImplementedError, match="'z'"):
+        batchplate.TraceMeanField_ELBO().loss(model, guide, X)
