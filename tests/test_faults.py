@@ -270,3 +270,28 @@ def test_selftest_arguments_checked(argv, match):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert match.replace("\\", "") in result.stderr.replace("\\", "")
+
+
+# -- independence check on nested arguments -------------------------------------------
+
+
+def test_independence_accepts_nested_arguments():
+    from collections import namedtuple
+
+    from torch.nn.utils.rnn import pack_sequence
+
+    Batch = namedtuple("Batch", ["x", "extra"])
+    packed = pack_sequence([torch.ones(2), torch.ones(1)])
+
+    def nested_model(batch, other):
+        model(batch.x)
+
+    def nested_guide(batch, other):
+        guide(other["inner"][0].x)
+
+    arg = Batch(X, packed)
+    report = batchplate.check_batch_independence(
+        nested_model, nested_guide, arg, {"inner": [Batch(X, packed)]}
+    )
+    assert report.independent
+    assert "args[1]['inner'][0].x" in report.inputs_checked

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import PackedSequence
 
 from .draw import draw_particles, subsample_indices
 from .errors import BatchPlateError
@@ -43,7 +44,7 @@ class IndependenceReport:
 
 
 def _floating_inputs(args: tuple, kwargs: dict):
-    """Replace floating tensors among the arguments (one level deep) by leaves that need grad."""
+    """Replace floating tensors among the arguments (at any depth) by leaves that need grad."""
     found: list[tuple[str, torch.Tensor]] = []
 
     def lift(x, label):
@@ -54,10 +55,16 @@ def _floating_inputs(args: tuple, kwargs: dict):
         return x
 
     def walk(x, label):
+        # Any nesting of lists, tuples, namedtuples and dicts. A PackedSequence's
+        # rows are time steps, not data, so it is passed through as it is.
+        if isinstance(x, PackedSequence):
+            return x
+        if isinstance(x, tuple) and hasattr(x, "_fields"):
+            return type(x)._make(walk(v, f"{label}.{f}") for f, v in zip(x._fields, x, strict=True))
         if isinstance(x, (list, tuple)):
-            return type(x)(lift(v, f"{label}[{i}]") for i, v in enumerate(x))
+            return type(x)(walk(v, f"{label}[{i}]") for i, v in enumerate(x))
         if isinstance(x, dict):
-            return {k: lift(v, f"{label}[{k!r}]") for k, v in x.items()}
+            return type(x)((k, walk(v, f"{label}[{k!r}]")) for k, v in x.items())
         return lift(x, label)
 
     new_args = tuple(walk(a, f"args[{i}]") for i, a in enumerate(args))
