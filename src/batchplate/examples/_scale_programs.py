@@ -95,7 +95,9 @@ def sequential_model(
     """Sequential: `observations = {"measurement_0": x_0, ...}`, one site per datum."""
     guess = _prior_mean(learn_prior)
     B = len(observations)
-    for b, _ in enumerate(batch_plate("data", size or B, subsample=subsample)):
+    data = batch_plate("data", size or B, subsample=subsample)
+    for _ in data:
+        b = data.datum  # the position in the minibatch (enumerate would miss it under autobatch)
         weight = pyro.sample(f"weight_{b}", dist.Normal(guess, GUESS_SCALE))
         pyro.sample(
             f"measurement_{b}",
@@ -112,7 +114,9 @@ def sequential_guide(
 ) -> None:
     a, c, scale = guide_params()
     B = len(observations)
-    for b, _ in enumerate(batch_plate("data", size or B, subsample=subsample)):
+    data = batch_plate("data", size or B, subsample=subsample)
+    for _ in data:
+        b = data.datum
         x = observations[f"measurement_{b}"]
         pyro.sample(f"weight_{b}", dist.Normal(a * x + c, scale))
 

@@ -1,0 +1,251 @@
+"""autobatch=True: the sequential program's numbers, lanes run batched.
+
+"Same draws": the autobatched run reports its draws per particle; the
+sequential program is then weighed at them with `replay_latents`, one
+particle at a time, and both `[K, B]` tensors (and their gradients) agree.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro import poutine
+
+import batchplate
+from batchplate import BatchPlateError, batch_plate
+from batchplate.autobatch import AutobatchWarning, autobatch_log_weights
+from batchplate.examples import _scale_programs as scale
+from batchplate.examples import geometric, pcfg
+from batchplate.examples._pcfg_programs import PCFG
+from oracles import geometric_log_evidence
+
+
+def _sequential_rows(model, guide, args, draws, kwargs):
+    """`[K, B]` log p, log q of the sequential program at the autobatched draws."""
+    rows = []
+    for values in draws:
+        particles = batchplate.draw.draw_particles(
+            model,
+            batchplate.replay_latents(guide, values),
+            args,
+            kwargs,
+            num_particles=1,
+            vectorize_particles=False,
+            max_plate_nesting=math.inf,
+        )
+        rows.append(batchplate.weights.compute_log_weights(particles))
+    return torch.cat([r.log_p for r in rows]), torch.cat([r.log_q for r in rows])
+
+
+def _check_same(model, guide, args, K=3, params=(), kwargs=None):
+    kwargs = {} if kwargs is None else kwargs
+    draws: list[dict] = []
+    log_p, log_q, score, _ = autobatch_log_weights(
+        model, guide, args, kwargs, num_particles=K, draws=draws
+    )
+    seq_p, seq_q = _sequential_rows(model, guide, args, draws, kwargs)
+    assert torch.allclose(log_p, seq_p, atol=1e-5) and torch.allclose(log_q, seq_q, atol=1e-5)
+    if params:
+        weights = torch.linspace(0.5, 1.5, log_p.numel()).reshape(log_p.shape)
+        grads = torch.autograd.grad(((log_p - log_q) * weights).sum(), params, allow_unused=True)
+        expected = torch.autograd.grad(((seq_p - seq_q) * weights).sum(), params, allow_unused=True)
+        for g, e in zip(grads, expected, strict=True):
+            assert (g is None and e is None) or torch.allclose(g, e, atol=1e-4)
+    return log_p, log_q, score
+
+
+def test_geometric_same_weights_and_gradients():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    obs = geometric.sample_data(6, 0.3)
+    model, guide = geometric.model_sequential, geometric.guide_sequential_amortized
+    pyro.param("model_logits", torch.tensor(0.3))
+    pyro.param("guide_weights", torch.tensor([0.1, 1.0, -0.5]))
+    params = (
+        pyro.param("model_logits").unconstrained(),
+        pyro.param("guide_weights").unconstrained(),
+    )
+    _, _, score = _check_same(model, guide, (obs,), K=4, params=params)
+    assert score is not None  # Bernoulli flips: score-function terms
+
+
+def test_geometric_objectives_and_sleep_run():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(1)
+    obs = geometric.sample_data(8, 0.3)
+    m, g = geometric.model_sequential, geometric.guide_sequential
+    for objective in (
+        batchplate.RenyiELBO(alpha=0, num_particles=4, autobatch=True),
+        batchplate.VIMCO(num_particles=4, autobatch=True),
+        batchplate.ReweightedWakeSleep(num_particles=4, insomnia=0.5, autobatch=True),
+        batchplate.Trace_ELBO(num_particles=2, autobatch=True, vectorize_particles=False),
+    ):
+        loss = objective.loss_and_grads(m, g, obs)
+        assert all(math.isfinite(v) for v in (loss if isinstance(loss, tuple) else (loss,)))
+
+
+def test_sleep_scores_the_guide_at_the_fantasies():
+    """RWS's sleep phase on the scale program: `log q` at each lane's fantasy, the
+    guide receiving its particle's fantasy observations."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(2)
+    x = scale.make_dataset(5)
+    obs = scale.observations_of(x, "sequential")
+    a, c, s = (
+        pyro.param(n, torch.tensor(v)) for n, v in (("a", 0.5), ("c", 1.0), ("log_scale", 0.2))
+    )
+    draws: list[dict] = []
+    _, log_q, _, _ = autobatch_log_weights(
+        scale.sequential_model,
+        scale.sequential_guide,
+        (),
+        {"observations": obs},
+        num_particles=3,
+        sleep=True,
+        draws=draws,
+    )
+    for k, values in enumerate(draws):
+        for b in range(5):
+            fantasy = values[f"measurement_{b}"]
+            expected = dist.Normal(a * fantasy + c, s.exp()).log_prob(values[f"weight_{b}"])
+            assert torch.allclose(log_q[k, b], expected, atol=1e-5)
+
+
+def test_scale_program_with_rws_same_weights():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(3)
+    obs = scale.observations_of(scale.make_dataset(6), "sequential")
+    _check_same(
+        scale.sequential_model, scale.sequential_guide, (), K=3, kwargs={"observations": obs}
+    )
+    rws = batchplate.ReweightedWakeSleep(num_particles=3, insomnia=0.5, autobatch=True)
+    assert all(
+        math.isfinite(v)
+        for v in rws.loss_and_grads(
+            scale.sequential_model, scale.sequential_guide, observations=obs
+        )
+    )
+
+
+def _inner_model(x):
+    for b in batch_plate("data", len(x)):
+        z = pyro.sample(f"z_{b}", dist.Normal(0.0, 1.0))
+        k = pyro.sample(f"k_{b}", dist.Bernoulli(0.4))
+        mask = torch.tensor([True, True, b % 2 == 0])
+        with pyro.plate(f"inner_{b}", 3, dim=-1), poutine.mask(mask=mask):
+            pyro.sample(f"x_{b}", dist.Normal(z + k, 1.0), obs=x[b])
+        with poutine.scale(scale=0.5):
+            pyro.sample(f"y_{b}", dist.Normal(z, 2.0), obs=x[b, 0])
+
+
+def _inner_guide(x):
+    loc = pyro.param("loc", torch.zeros(len(x)))
+    p = pyro.param("p", torch.tensor(0.3), constraint=dist.constraints.unit_interval)
+    for b in batch_plate("data", len(x)):
+        pyro.sample(f"z_{b}", dist.Normal(loc[b], 1.0))
+        pyro.sample(f"k_{b}", dist.Bernoulli(p))
+
+
+def test_inner_plate_mask_scale_and_mixed_sites():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(4)
+    x = torch.randn(6, 3)
+    _inner_guide(x)  # creates the parameters
+    params = (pyro.param("loc").unconstrained(), pyro.param("p").unconstrained())
+    _check_same(_inner_model, _inner_guide, (x,), K=3, params=params)
+
+
+def test_pcfg_with_gru_guide_same_weights():
+    pyro.clear_param_store()
+    pyro.set_rng_seed(5)
+    torch.manual_seed(5)
+    grammar = PCFG(max_words=6)
+    sentences, lengths = pcfg.pad(pcfg.sample_sentences(4, 6, seed=0), 6)
+    params = tuple(grammar.net.parameters())[:3]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", AutobatchWarning)  # the GRU guide batches
+        _check_same(
+            grammar.model_sequential,
+            grammar.guide_sequential,
+            (sentences, lengths),
+            K=2,
+            params=params,
+        )
+
+
+def test_unbiased_against_the_exact_evidence():
+    """`mean_k exp l[k, b]` estimates `p(o_b)`; within 4 standard errors of the exact value."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(6)
+    obs = torch.tensor([0, 1, 3])
+    pyro.param("model_logits", torch.tensor(0.0))  # the oracle's model
+    pyro.param("guide_logits", torch.tensor(0.2))
+    log_p, log_q, _, _ = autobatch_log_weights(
+        geometric.model_sequential, geometric.guide_sequential, (obs,), {}, num_particles=600
+    )
+    w = (log_p - log_q).detach().double().exp()
+    exact = geometric_log_evidence(obs).double().exp()
+    se = w.std(0) / math.sqrt(w.shape[0])
+    assert ((w.mean(0) - exact).abs() < 4 * se).all(), (w.mean(0), exact, se)
+
+
+def test_per_particle_lanes_match_vectorized_shape():
+    pyro.set_rng_seed(7)
+    obs = geometric.sample_data(5, 0.3)
+    w = batchplate.log_weights(
+        geometric.model_sequential,
+        geometric.guide_sequential,
+        obs,
+        num_particles=3,
+        vectorize_particles=False,
+        autobatch=True,
+    )
+    assert w.shape == (3, 5) and torch.isfinite(w).all()
+
+
+def test_sampling_outside_the_batch_plate_raises():
+    def model(x):
+        pyro.sample("g", dist.Normal(0.0, 1.0))
+        for b in batch_plate("data", len(x)):
+            pyro.sample(f"x_{b}", dist.Normal(0.0, 1.0), obs=x[b])
+
+    def guide(x):
+        pyro.sample("g", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(BatchPlateError, match="outside the batch plate"):
+        autobatch_log_weights(model, guide, (torch.zeros(3),), {}, num_particles=2)
+
+
+def test_counting_iterations_raises():
+    """enumerate() sees one iteration per lane: the duplicated site name says so."""
+
+    def model(x):
+        for b, _ in enumerate(batch_plate("data", len(x))):
+            pyro.sample(f"x_{b}", dist.Normal(0.0, 1.0), obs=x[b])
+
+    def guide(x):
+        for b, _ in enumerate(batch_plate("data", len(x))):
+            pyro.sample(f"z_{b}", dist.Normal(0.0, 1.0))
+
+    with pytest.raises(BatchPlateError, match="enumerate"):
+        autobatch_log_weights(model, guide, (torch.zeros(3),), {}, num_particles=2)
+
+
+def test_unstackable_distribution_falls_back_with_one_warning():
+    def model(x):
+        for b in batch_plate("data", len(x)):
+            pyro.sample(f"z_{b}", dist.Beta(2.0, 3.0))
+            pyro.sample(f"x_{b}", dist.Normal(0.0, 1.0), obs=x[b])
+
+    def guide(x):
+        for b in batch_plate("data", len(x)):
+            pyro.sample(f"z_{b}", dist.Beta(1.5, 1.5))
+
+    pyro.set_rng_seed(8)
+    with pytest.warns(AutobatchWarning, match="z_"):
+        _check_same(model, guide, (torch.zeros(4),), K=2)
