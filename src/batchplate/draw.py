@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import pyro
 import torch
 from pyro import poutine
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.util import site_is_subsample
 from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
 
 from .errors import BatchPlateError
-from .plate import check_positive_int
+from .plate import adopt_batch_frames, check_positive_int
 from .validation import (
     check_pair,
     contributes,
@@ -272,6 +273,8 @@ def draw_particles(
     particle's.
     """
     check_positive_int("num_particles", num_particles)
+    if isinstance(guide, AutoGuide):  # its plain plate over the data is the batch plate
+        guide = adopt_batch_frames(guide)(guide)
     pair = sleep_pair if sleep else functools.partial(wake_pair, detach_guide=detach_guide)
     pair = prior_pair if prior else pair
     fixed = subsample is not None

@@ -68,7 +68,8 @@ def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float)
         for name, site in trace.nodes.items():
             if site["type"] != "sample" or not contributes(site):
                 continue
-            names[role, bool(site["is_observed"])].add(name)
+            if not site["infer"].get("is_auxiliary"):  # an autoguide's helper, as in Pyro
+                names[role, bool(site["is_observed"])].add(name)
             frame = _site_frame(site, role, model_trace)
             if frame is None:  # weighed once, as the global term, never per datum
                 if role == "model" and first is not None:
