@@ -92,6 +92,10 @@ class BatchInfo:
 
 def check_positive_int(name: str, value: object) -> int:
     """`value` as a positive `int`; bools and floats are refused, not truncated."""
+    if isinstance(value, torch.Tensor) and torch._C._get_tracing_state():
+        # A Jit objective traces the program: `x.shape[0]` is then a 0-dim int tensor.
+        if value.dim() == 0 and not value.is_floating_point() and int(value) >= 1:
+            return value
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise BatchPlateError(f"{name} must be a positive int, got {value!r}")
     return value
