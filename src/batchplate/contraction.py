@@ -26,8 +26,7 @@ from collections import OrderedDict
 import torch
 from opt_einsum import shared_intermediates
 from pyro.distributions.score_parts import ScoreParts
-from pyro.distributions.util import scale_and_mask
-from pyro.infer.traceenum_elbo import _compute_model_factors, _find_ordinal, _get_common_scale
+from pyro.distributions.util import is_identically_zero, scale_and_mask
 from pyro.infer.util import Dice
 from pyro.ops import packed
 from pyro.ops.contract import contract_tensor_tree, contract_to_tensor
@@ -143,7 +142,7 @@ def marginal_log_p(pair: Pair, batch: BatchInfo, K: int) -> tuple[set[str], torc
         scales.append(_user_scale(site, batch))
         factor = packed.scale_and_mask(factor, mask=site["packed"]["mask"])
         tree = trees.setdefault(datum, OrderedDict())
-        tree.setdefault(_find_ordinal(model_trace, site), []).append(factor)
+        tree.setdefault(find_ordinal(model_trace, site), []).append(factor)
     particle, batch_symbol = _symbols(model_trace, batch)
     target = frozenset(s for s in (particle, batch_symbol) if s is not None)
     columns = {}
@@ -151,7 +150,7 @@ def marginal_log_p(pair: Pair, batch: BatchInfo, K: int) -> tuple[set[str], torc
         for datum, tree in trees.items():
             value = contract_to_tensor(tree, sum_dims, target_ordinal=target, cache=cache)
             columns[datum] = packed_to_kb(value, particle, batch_symbol)
-    scale = _get_common_scale(scales)
+    scale = common_scale(scales)
     return names, scale * _place(columns, batch, K, next(iter(columns.values())))
 
 
@@ -250,7 +249,7 @@ def _subtrace(trace: Trace, names: list[str]) -> Trace:
 
 def _dice_elbo(model_trace: Trace, guide_trace: Trace, particle: str | None, batch: str | None):
     """Pyro's `_compute_dice_elbo`, returning `(local [K|1, B|1] or None, global or None)`."""
-    costs, log_factors, ordering, sum_dims, scale = _compute_model_factors(model_trace, guide_trace)
+    costs, log_factors, ordering, sum_dims, scale = model_factors(model_trace, guide_trace)
     if log_factors:
         dim_to_size = {}
         for terms in log_factors.values():
@@ -276,7 +275,7 @@ def _expectation(dice: Dice, costs: dict, particle: str | None, batch: str | Non
     with shared_intermediates() as cache:
         ring = MarginalRing(cache=cache)
         for ordinal, cost_terms in costs.items():
-            log_factors = dice._get_log_factors(ordinal)
+            log_factors = dice_log_factors(dice, ordinal)
             scale = math.exp(sum(x for x in log_factors if not isinstance(x, torch.Tensor)))
             log_factors = [x for x in log_factors if isinstance(x, torch.Tensor)]
             probs = _marginals(ring, log_factors, cost_terms, ordinal)
@@ -326,3 +325,109 @@ def _marginals(ring: MarginalRing, log_factors: list, cost_terms: list, ordinal)
         prob._pyro_dims = query._pyro_dims
         probs[key] = prob
     return probs
+
+
+# -- what Pyro's TraceEnum_ELBO computes before contracting (our own code) ----------
+
+
+def find_ordinal(trace: Trace, site: dict) -> frozenset:
+    """The packed symbols of the vectorized plates a site lies in (its ordinal)."""
+    return frozenset(
+        trace.plate_to_symbol[f.name] for f in site["cond_indep_stack"] if f.vectorized
+    )
+
+
+def common_scale(scales: list) -> float | torch.Tensor:
+    """The one scalar scale that every enumerated factor shares.
+
+    A log sum over an enumerated value cannot take a different scale per term,
+    so differing (or non-scalar) scales raise, as they do in Pyro. Compared by
+    value, without touching the autograd graph.
+    """
+    values = set()
+    for scale in scales:
+        if isinstance(scale, torch.Tensor) and scale.dim():
+            raise ValueError("enumeration only supports scalar poutine.scale")
+        values.add(float(scale))
+    if len(values) != 1:
+        raise ValueError(
+            "Expected all enumerated sample sites to share a common poutine.scale, "
+            f"but found {len(values)} different scales."
+        )
+    return scales[0]
+
+
+def dice_log_factors(dice: Dice, target: frozenset) -> list:
+    """The Dice factors at one ordinal: the upstream guide factors and, as a constant,
+    minus the log of how many times the ordinal is counted (sequential enumeration)."""
+    log_denom = sum(term for ordinal, term in dice.log_denom.items() if not ordinal <= target)
+    factors = [] if is_identically_zero(log_denom) else [-log_denom]
+    for ordinal, terms in dice.log_probs.items():
+        if ordinal <= target:
+            factors.extend(terms)
+    return factors
+
+
+def model_factors(model_trace: Trace, guide_trace: Trace) -> tuple:
+    """`(costs, log_factors, ordering, enum_dims, scale)`: the model's plain cost terms
+    by ordinal, the factors to contract over the model-enumerated dims (the mask
+    inside the sum, the scale outside it), each site's ordinal, those dims and
+    the enumerated factors' common scale. The ordering is by plate: `y` may
+    depend on `x` iff `ordering[x] <= ordering[y]`."""
+    ordering = {
+        name: find_ordinal(trace, site)
+        for trace in (model_trace, guide_trace)
+        for name, site in trace.nodes.items()
+        if site["type"] == "sample"
+    }
+    cost_sites, enum_sites = OrderedDict(), OrderedDict()
+    enum_dims, non_enum_dims = set(), set().union(*ordering.values())
+    for name, site in model_trace.nodes.items():
+        if site["type"] != "sample":
+            continue
+        if name in guide_trace.nodes:
+            cost_sites.setdefault(ordering[name], []).append(site)
+            non_enum_dims.update(guide_trace.nodes[name]["packed"]["log_prob"]._pyro_dims)
+        elif site["infer"].get("_enumerate_dim") is None:
+            cost_sites.setdefault(ordering[name], []).append(site)
+        else:
+            enum_sites.setdefault(ordering[name], []).append(site)
+            enum_dims.update(site["packed"]["log_prob"]._pyro_dims)
+    enum_dims -= non_enum_dims
+    costs, log_factors, scales = OrderedDict(), OrderedDict(), []
+    for ordinal, sites in cost_sites.items():
+        for site in sites:
+            log_prob = site["packed"]["log_prob"]
+            if not enum_sites or enum_dims.isdisjoint(log_prob._pyro_dims):
+                costs.setdefault(ordinal, []).append(log_prob)
+            else:
+                factor = packed.scale_and_mask(
+                    site["packed"]["unscaled_log_prob"], mask=site["packed"]["mask"]
+                )
+                log_factors.setdefault(ordinal, []).append(factor)
+                scales.append(site["scale"])
+    if enum_sites:
+        check_enumeration_nesting(enum_sites, guide_trace)
+    for ordinal, sites in enum_sites.items():
+        for site in sites:
+            log_factors.setdefault(ordinal, []).append(site["packed"]["unscaled_log_prob"])
+            scales.append(site["scale"])
+    return costs, log_factors, ordering, enum_dims, common_scale(scales) if scales else 1
+
+
+def check_enumeration_nesting(enum_sites: dict, guide_trace: Trace) -> None:
+    """Guide enumeration must be at least as global as model enumeration: a guide
+    site enumerated in a plate that some model-enumerated site is not in would be
+    summed with the wrong dependency structure (Pyro's rule)."""
+    min_ordinal = frozenset.intersection(*enum_sites.keys())
+    for name, site in guide_trace.nodes.items():
+        if site["type"] != "sample" or site["infer"].get("_enumerate_dim") is None:
+            continue
+        for frame in site["cond_indep_stack"]:
+            if frame.vectorized and guide_trace.plate_to_symbol[frame.name] not in min_ordinal:
+                raise ValueError(
+                    "Expected model enumeration to be no more global than guide enumeration, "
+                    f"but found model enumeration sites upstream of guide site '{name}' in "
+                    f"plate('{frame.name}'). Try converting some model enumeration sites to "
+                    "guide enumeration sites."
+                )
