@@ -1,0 +1,103 @@
+"""ms/step of `autobatch=True` against the sequential program and the padded form.
+
+At `B = 64`, `K = 16`, one torch thread, one `pyro.infer.SVI` step including
+backward and the Adam update, the methods interleaved in one process
+(`timing.interleaved`), ratios paired per round (`timing.paired_ratio`):
+
+- geometric (Pyro issue #2220), IWAE (`RenyiELBO(alpha=0)`): the sequential
+  program one trace per particle, the same program with `autobatch=True`,
+  and the hand-written padded form;
+- PCFG with its GRU guide, reweighted wake-sleep: sequential vs autobatch;
+- how the autobatched geometric step grows with the number of lanes `B * K`
+  (64 to 4096).
+
+Not a test: `batchplate bench --only autobatch [--quick]`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable
+
+import pyro
+import torch
+
+import batchplate
+
+from ..examples import geometric, pcfg
+from ..examples._pcfg_programs import PCFG
+from . import timing
+
+B, K = 64, 16
+
+
+def _svi(model, guide, loss, *args) -> Callable[[int], object]:
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss)
+    svi.step(*args)  # warm-up, parameters created
+    return lambda i: svi.step(*args)
+
+
+def _geometric_steps(b: int, k: int, padded: bool, sequential: bool) -> dict:
+    obs = geometric.sample_data(b, 0.3, seed=0)
+    steps = {}
+    if sequential:
+        loss = batchplate.RenyiELBO(alpha=0, num_particles=k)
+        steps["sequential"] = _svi(
+            geometric.model_sequential, geometric.guide_sequential, loss, obs
+        )
+    loss = batchplate.RenyiELBO(alpha=0, num_particles=k, autobatch=True)
+    steps["autobatch"] = _svi(geometric.model_sequential, geometric.guide_sequential, loss, obs)
+    if padded:
+        loss = batchplate.RenyiELBO(
+            alpha=0, num_particles=k, vectorize_particles=True, max_plate_nesting=1
+        )
+        steps["padded"] = _svi(geometric.model_padded, geometric.guide_padded, loss, obs)
+    return steps
+
+
+def _pcfg_steps() -> dict:
+    grammar = PCFG(max_words=12)
+    sentences, lengths = pcfg.pad(pcfg.sample_sentences(B, 12, seed=0), 12)
+    steps = {}
+    for name, auto in (("sequential", False), ("autobatch", True)):
+        loss = batchplate.ReweightedWakeSleep(
+            num_particles=K, vectorize_particles=auto, autobatch=auto
+        )
+        args = (sentences, lengths)
+        steps[name] = _svi(grammar.model_sequential, grammar.guide_sequential, loss, *args)
+    return steps
+
+
+def _rows(program: str, times: dict[str, list[float]]) -> list[dict]:
+    rows = []
+    for name, ms in times.items():
+        row = {"program": program, "method": name, "ms_per_step": statistics.median(ms)}
+        if name != "autobatch":
+            row["x_autobatch"] = timing.paired_ratio(ms, times["autobatch"])
+        rows.append(row)
+    return rows
+
+
+def main(quick: bool = False) -> list[dict]:
+    """Print and return the rows: the two programs, then the scaling in `B * K`."""
+    torch.set_num_threads(1)
+    pyro.clear_param_store()
+    rounds = 2 if quick else 5
+    rows = _rows("geometric", timing.interleaved(_geometric_steps(B, K, True, True), rounds))
+    pyro.clear_param_store()
+    rows += _rows("pcfg", timing.interleaved(_pcfg_steps(), 1 if quick else 3))
+    for lanes in (64, 256, 1024, 4096):
+        pyro.clear_param_store()
+        steps = _geometric_steps(
+            lanes // K if lanes >= K * 4 else 4, min(K, lanes // 4), False, False
+        )
+        ms = statistics.median(timing.interleaved(steps, rounds)["autobatch"])
+        rows.append({"program": f"geometric B*K={lanes}", "method": "autobatch", "ms_per_step": ms})
+    for row in rows:
+        extra = (
+            f"  sequential-or-padded / autobatch = {row['x_autobatch']:.2f}"
+            if "x_autobatch" in row
+            else ""
+        )
+        print(f"{row['program']:>24} {row['method']:>11} {row['ms_per_step']:9.1f} ms{extra}")
+    return rows
