@@ -6,6 +6,7 @@ logsumexp over particles per datum, ELBO gradients have the per-datum scale,
 and guides that couple data points are caught.
 """
 
+from .autobatch import AutobatchWarning
 from .errors import BatchPlateError
 from .evaluate import log_evidence, replay_latents
 from .independence import IndependenceReport, check_batch_independence
@@ -14,6 +15,7 @@ from .objectives import (
     BatchObjective,
     JitRenyiELBO,
     JitTrace_ELBO,
+    JitTraceEnum_ELBO,
     JitTraceGraph_ELBO,
     JitTraceMeanField_ELBO,
     JitVIMCO,
@@ -32,11 +34,13 @@ from .weights import LogWeights, log_weights
 __version__ = "0.1.0"
 
 __all__ = [
+    "AutobatchWarning",
     "BatchFrame",
     "BatchObjective",
     "BatchPlateError",
     "IndependenceReport",
     "JitRenyiELBO",
+    "JitTraceEnum_ELBO",
     "JitTraceGraph_ELBO",
     "JitTraceMeanField_ELBO",
     "JitTrace_ELBO",

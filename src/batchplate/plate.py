@@ -232,9 +232,8 @@ class batch_plate(plate):
         # pushed on Pyro's stack: autobatch adds its frame and scale to the
         # lane's sites itself, which is several times faster per site.
         position, inside = lane
-        if self._vectorized is True or self.dim is not None:
+        if self.dim is not None:
             raise ValueError(f"cannot use plate {self.name} as both vectorized and sequential")
-        self._vectorized, self.dim = False, None
         index = self.indices[position]
         self.counter = position
         self.next_context()

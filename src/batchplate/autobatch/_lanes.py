@@ -20,27 +20,25 @@ modules registered with `pyro.module` become requests too (`ModuleProxy`).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyro
 import torch
 from greenlet import getcurrent, greenlet
+from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import _DIM_ALLOCATOR, _PYRO_STACK
-from pyro.poutine.subsample_messenger import _Subsample
 from torch.distributions import Distribution
 
 from ..errors import BatchPlateError
 from ..plate import BatchFrame, set_lane_hook
 
-if TYPE_CHECKING:
-    from ._phase import Phase
-
 
 class Lane(greenlet):
     """One execution of the program for particle `k` and datum `b`."""
 
-    def __init__(self, phase: Phase, k: int, b: int, run: Callable[[], Any]) -> None:
+    def __init__(self, phase: Any, k: int, b: int, run: Callable[[], Any]) -> None:
+        # `phase`: the `_phase.Phase` running this lane (not imported: it imports us).
         super().__init__(run, parent=phase.scheduler)
         self.phase, self.k, self.b = phase, k, b
         self.plate_name: str | None = None
@@ -109,7 +107,7 @@ class LaneMessenger(Messenger):
         lane = current_lane()
         if lane is None:  # a program started outside the lanes: not ours
             return
-        if isinstance(msg["fn"], _Subsample):
+        if site_is_subsample(msg):
             msg["value"] = self.shared.subsample_indices(msg)
         elif not msg["infer"].get("_deterministic", False):
             if not lane.in_plate:
@@ -195,7 +193,7 @@ class Shared:
         them, the indices drawn once per draw (or given)."""
         if subsample is None and subsample_size is not None and subsample_size < size:
             if name not in self.subsample:
-                self.subsample[name] = _Subsample(size, subsample_size).sample()
+                self.subsample[name] = torch.randperm(size)[:subsample_size]  # as Pyro's plate
             subsample = self.subsample[name]
         elif subsample is not None:
             self.subsample.setdefault(name, subsample)
