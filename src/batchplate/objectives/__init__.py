@@ -2,6 +2,7 @@
 
 from .base import BatchObjective
 from .elbo import Trace_ELBO
+from .enum import JitTraceEnum_ELBO, TraceEnum_ELBO
 from .jit import (
     JitRenyiELBO,
     JitTrace_ELBO,
@@ -10,7 +11,6 @@ from .jit import (
     JitVIMCO,
 )
 from .meanfield import TraceMeanField_ELBO
-from .enum import TraceEnum_ELBO
 from .renyi import RenyiELBO
 from .rws import ReweightedWakeSleep
 from .tail_adaptive import TraceTailAdaptive_ELBO
@@ -20,6 +20,7 @@ from .vimco import VIMCO
 __all__ = [
     "BatchObjective",
     "JitRenyiELBO",
+    "JitTraceEnum_ELBO",
     "JitTraceGraph_ELBO",
     "JitTraceMeanField_ELBO",
     "JitTrace_ELBO",

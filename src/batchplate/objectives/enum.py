@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from collections.abc import Callable
 
+import pyro.ops.jit
 import torch
 from pyro.infer.util import is_validation_enabled
 
@@ -13,6 +15,7 @@ from ..contraction import dice_terms
 from ..draw import draw_particles, marked_for_enumeration, plate_nesting
 from ..weights import pair_batch
 from .base import BatchObjective, Losses
+from .jit import JitObjective, _Step
 
 
 class TraceEnum_ELBO(BatchObjective):
@@ -90,7 +93,8 @@ class TraceEnum_ELBO(BatchObjective):
         per_datum = torch.cat(rows).mean(0)
         global_term = torch.cat(globals_).sum() / K
         loss = -self.reduce(per_datum, batch, global_term)
-        return Losses(("loss",), (loss,), batch)
+        # The per-datum values name a datum whose term is not finite (as the others do).
+        return Losses(("loss",), (loss,), batch, per_datum=per_datum.detach())
 
     def _warn_if_nothing_enumerated(self, pair: tuple) -> None:
         if self.strict_enumeration_warning and is_validation_enabled():
@@ -102,3 +106,42 @@ class TraceEnum_ELBO(BatchObjective):
                     stacklevel=4,
                 )
                 self.strict_enumeration_warning = False  # once per objective
+
+
+class _EnumStep(_Step):
+    """A compiled `TraceEnum_ELBO` step: returns the loss and the per-datum values
+    (`[1, B]`, checked for finiteness on every call in place of the log weights)."""
+
+    def __init__(self, objective: JitObjective, model: Callable, guide: Callable) -> None:
+        owner = weakref.ref(objective)
+        self.batch = None
+
+        def step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+            losses = TraceEnum_ELBO.local_losses(owner(), model, guide, *args, **kwargs)
+            self.batch = losses.batch
+            return losses.values[0], losses.per_datum[None]
+
+        options = dict(objective.jit_options or {})
+        self.compiled = pyro.ops.jit.trace(
+            step, ignore_warnings=objective.ignore_jit_warnings, jit_options=options
+        )
+
+
+class JitTraceEnum_ELBO(JitObjective, TraceEnum_ELBO):
+    """`batchplate.TraceEnum_ELBO`, compiled with `pyro.ops.jit.trace`: the same value
+    and gradient on the same draws, for programs with static structure (see
+    `batchplate.objectives.jit`). Stock `pyro.infer.JitTraceEnum_ELBO` divided by
+    `N` (`reduction="mean"`) or equal to it (`"sum"`) on the same draws.
+    An omitted `max_plate_nesting` is guessed by one uncompiled run before compiling."""
+
+    def local_losses(self, model: Callable, guide: Callable, *args, **kwargs) -> Losses:
+        if self.max_plate_nesting == math.inf:  # guessed before compiling, not inside it
+            self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
+        return super().local_losses(model, guide, *args, **kwargs)
+
+    def _compiled_step(self, model: Callable, guide: Callable) -> _Step:
+        steps = self.__dict__.setdefault("_steps", {})
+        key = (id(model), id(guide))
+        if key not in steps:
+            steps[key] = _EnumStep(self, model, guide)
+        return steps[key]
