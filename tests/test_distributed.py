@@ -12,16 +12,23 @@ Traffic stays on loopback.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import pyro
+import pyro.distributions as dist
 import pytest
 import torch
+import torch.distributed as tdist
 
-from batchplate import Trace_ELBO
-from batchplate.distributed import DistributedObjective, shard_indices
+from batchplate import RenyiELBO, ReweightedWakeSleep, Trace_ELBO, batch_plate
+from batchplate.distributed import DistributedObjective, objective_config, shard_indices
 
 ENV = dict(os.environ, MASTER_ADDR="127.0.0.1", GLOO_SOCKET_IFNAME="lo", OMP_NUM_THREADS="1")
 
@@ -110,3 +117,193 @@ def test_library_module_does_not_import_the_self_test():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+# -- every step agreed by all ranks (issue 12): 2 real gloo ranks, one launch for all cases --
+
+X = torch.tensor([9.5, 9.1, 9.2, 8.7, 9.9])
+SHARDS = (slice(0, 3), slice(3, 5))  # rank 0 holds 3 data, rank 1 holds 2
+
+
+def model(x, observations=None):
+    """`w_b ~ N(m, 1)`, `x_b ~ N(w_b, 0.75)`; guide `N(a x_b + c, 1)` (both with parameters)."""
+    m = pyro.param("m", torch.tensor(8.0))
+    with batch_plate("data", len(x)):
+        w = pyro.sample("w", dist.Normal(m, 1.0))
+        pyro.sample("x", dist.Normal(w, 0.75), obs=x)
+
+
+def guide(x, observations=None):
+    a = pyro.param("a", torch.tensor(0.5))
+    c = pyro.param("c", torch.tensor(3.0))
+    inputs = x if observations is None else observations["x"]
+    with batch_plate("data", len(x)):
+        pyro.sample("w", dist.Normal(a * inputs + c, 1.0))
+
+
+def _grads() -> dict:
+    store = pyro.get_param_store()
+    out = {}
+    for name in sorted(store.keys()):
+        grad = store.get_param(name).unconstrained().grad
+        out[name] = None if grad is None else grad.tolist()
+    return out
+
+
+def _params() -> dict:
+    store = pyro.get_param_store()
+    return {n: store.get_param(n).unconstrained().tolist() for n in sorted(store.keys())}
+
+
+def _inject(rank: int, hook) -> None:
+    """Run once to create the parameters, then hook rank 1's `a` (gradient-time failure)."""
+    if rank == 1:
+        pyro.get_param_store().get_param("a").unconstrained().register_hook(hook)
+
+
+def _nan(grad):
+    return grad * float("nan")
+
+
+def _raise(grad):
+    raise RuntimeError("injected failure in backward")
+
+
+def scenario(name: str, rank: int) -> tuple[DistributedObjective, torch.Tensor, object]:
+    """The objective, this rank's data and its gradient hook (or None) for a case."""
+    x, hook = X[SHARDS[rank]], None
+    objective = Trace_ELBO(num_particles=2, vectorize_particles=True)
+    if name == "reduction":  # the issue's case: 2.306 vs 5.239, both called "global"
+        objective = Trace_ELBO(
+            num_particles=2, vectorize_particles=True, reduction="sum" if rank else "mean"
+        )
+    elif name == "settings":
+        kw = {"num_particles": 4, "insomnia": 0.5} if rank else {"num_particles": 3}
+        objective = ReweightedWakeSleep(**kw) if rank else RenyiELBO(alpha=0.0, **kw)
+    elif name == "no data":
+        x = x[:0] if rank else x
+    elif name == "nan datum":
+        x = torch.tensor([9.0, float("nan")]) if rank else x
+    elif name == "nan gradient":
+        hook = _nan
+    elif name == "raise in backward":
+        hook = _raise
+    return DistributedObjective(objective), x, hook
+
+
+CASES = ("reduction", "settings", "no data", "nan datum", "nan gradient", "raise in backward")
+
+
+def run_worker(rank: int, port: int, out: Path) -> None:
+    """Rank `rank` of the agreement cases: each starts from a good SVI step (so `.grad`
+    and Adam's state are non-trivial), then takes the failing step."""
+    torch.set_num_threads(1)
+    timeout = datetime.timedelta(seconds=20)
+    store = tdist.TCPStore("127.0.0.1", port, world_size=2, timeout=timeout)
+    tdist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timeout)
+    results = {}
+    for name in CASES:
+        pyro.clear_param_store()
+        pyro.set_rng_seed(rank)
+        good = DistributedObjective(Trace_ELBO(num_particles=2, vectorize_particles=True))
+        svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.01}), good)
+        svi.step(X[SHARDS[rank]])
+        good.loss_and_grads(model, guide, X[SHARDS[rank]])  # leaves a .grad to keep
+        objective, x, hook = scenario(name, rank)
+        if hook is not None:
+            _inject(rank, hook)
+        before = (_grads(), _params())
+        try:
+            pyro.infer.SVI(model, guide, svi.optim, objective).step(x)
+            error = None
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        results[name] = {"error": error, "unchanged": (_grads(), _params()) == before}
+    results["after"] = good.loss(model, guide, X[SHARDS[rank]])  # the ranks are still in step
+    (out / f"rank{rank}.json").write_text(json.dumps(results))
+    tdist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def agreement():
+    """Both ranks' results of every case, from one launch (about 5 s on 2 busy cores)."""
+    store = tdist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, __file__, "--worker", str(store.port), tmp]
+        procs = [
+            subprocess.Popen([*cmd, str(rank)], env=ENV, stderr=subprocess.PIPE, text=True)
+            for rank in (0, 1)
+        ]
+        try:
+            errors = [proc.communicate(timeout=90)[1] for proc in procs]
+        finally:
+            for proc in procs:
+                proc.kill()
+        ranks = []
+        for rank, err in enumerate(errors):
+            path = Path(tmp) / f"rank{rank}.json"
+            assert path.exists(), f"rank {rank} did not finish:\n{err[-3000:]}"
+            ranks.append(json.loads(path.read_text()))
+    return ranks
+
+
+def _both(ranks, case: str) -> str:
+    """The case's error, which must be the same BatchPlateError on both ranks, with every
+    rank's gradients, parameters and Adam state as they were."""
+    first, second = ranks[0][case], ranks[1][case]
+    assert first["error"] is not None and first["error"] == second["error"], (first, second)
+    assert first["error"].startswith("BatchPlateError: DistributedObjective")
+    assert first["unchanged"] and second["unchanged"]
+    return first["error"]
+
+
+def test_ranks_with_different_reductions_fail_together(agreement):
+    error = _both(agreement, "reduction")
+    assert "different objective settings" in error
+    assert "reduction: rank 0 'mean', rank 1 'sum'" in error
+    assert "num_particles" not in error  # only what differs
+
+
+def test_ranks_with_different_objectives_fail_together(agreement):
+    error = _both(agreement, "settings")
+    assert "type: rank 0 batchplate.objectives.renyi.RenyiELBO, rank 1 " in error
+    assert "num_particles: rank 0 3, rank 1 4" in error
+    assert "alpha: rank 0 0.0, rank 1 (none)" in error
+    assert "insomnia: rank 0 (none), rank 1 0.5" in error
+
+
+def test_rank_without_data_fails_every_rank(agreement):
+    error = _both(agreement, "no data")
+    assert "rank(s) [1] of 2 hold no data" in error
+    assert "size must be a positive int, got 0" in error
+
+
+def test_rank_with_a_nan_datum_fails_every_rank(agreement):
+    error = _both(agreement, "nan datum")
+    assert "rank(s) [1] of 2 failed in the forward pass" in error
+    assert "rows [1]" in error
+
+
+def test_nan_gradient_on_one_rank_leaves_every_grad_clean(agreement):
+    error = _both(agreement, "nan gradient")
+    assert "rank(s) [1] of 2 failed in the backward pass" in error
+    assert "'a'" in error
+
+
+def test_peer_failing_in_backward_leaves_every_grad_clean(agreement):
+    error = _both(agreement, "raise in backward")
+    assert "rank(s) [1] of 2 failed in the backward pass" in error
+    assert "RuntimeError: injected failure in backward" in error
+    assert agreement[0]["after"] == agreement[1]["after"]  # still in step afterwards
+
+
+def test_objective_config_names_the_settings():
+    config = objective_config(ReweightedWakeSleep(num_particles=3, insomnia=0.5))
+    assert config["type"] == "batchplate.objectives.rws.ReweightedWakeSleep"
+    assert config["insomnia"] == "0.5" and config["reduction"] == "'mean'"
+    assert config["vectorize_particles"] == "True" and config["estimator"] == "'standard'"
+    assert "max_plate_nesting" not in config  # a cache (guessed on the first step)
+
+
+if __name__ == "__main__" and sys.argv[1] == "--worker":
+    run_worker(int(sys.argv[4]), int(sys.argv[2]), Path(sys.argv[3]))

@@ -37,20 +37,23 @@ import os
 import socket
 import zlib
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 from pyro import poutine
 from pyro.infer.elbo import ELBO
 
-from .objectives.base import BatchObjective, Losses
-from .plate import BatchInfo
+from .errors import BatchPlateError
+from .objectives.base import BatchObjective, Losses, atomic_backward
 
 __all__ = [
     "DistributedObjective",
     "distributed_log_evidence",
     "gather_per_datum",
     "init_distributed",
+    "objective_config",
     "shard_indices",
     "sync_gradients",
 ]
@@ -210,9 +213,11 @@ def sync_gradients(params: Iterable[torch.Tensor], group=None) -> None:
 
 
 def _param_tensors(trace) -> dict[str, torch.Tensor]:
-    """The unconstrained leaf tensors of the trace's param sites, by name."""
+    """The unconstrained leaf tensors of the trace's param sites, by name (sorted, so that
+    every rank lists them in the same order)."""
     params = {}
-    for name, site in trace.nodes.items():
+    for name in sorted(trace.nodes):
+        site = trace.nodes[name]
         if site["type"] == "param":
             value = site["value"]
             params[name] = value.unconstrained() if hasattr(value, "unconstrained") else value
@@ -230,6 +235,64 @@ def _result(losses: Losses, total: Sequence[torch.Tensor]) -> float | tuple[floa
     return dataclasses.replace(losses, values=tuple(total)).result()
 
 
+#: Attributes that are caches, not settings: `max_plate_nesting` is guessed on the first step.
+_NOT_SETTINGS = frozenset({"max_plate_nesting"})
+_PLAIN = (bool, int, float, str, type(None), tuple, dict)
+
+
+def objective_config(objective: BatchObjective, dataset_size: int | None = None) -> dict:
+    """The settings that must be equal on every rank, by name, as `repr` strings.
+
+    The objective's class and every public attribute of a plain type (`reduction`,
+    `num_particles`, `alpha`, `insomnia`, `estimator`, `vectorize_particles`, ...), so
+    a setting added to an objective later is compared without being listed here.
+    """
+    config = {"type": f"{type(objective).__module__}.{type(objective).__qualname__}"}
+    for name, value in sorted(vars(objective).items()):
+        if not name.startswith("_") and name not in _NOT_SETTINGS and isinstance(value, _PLAIN):
+            config[name] = repr(value)
+    config["dataset_size"] = repr(dataset_size)
+    return config
+
+
+def _config_checksum(config: dict) -> int:
+    return zlib.crc32("\n".join(f"{k}={v}" for k, v in config.items()).encode())
+
+
+def _differences(configs: list[dict]) -> str:
+    """The settings that differ between ranks, one line each: `name: rank 0 x, rank 1 y`."""
+    names = sorted({k for c in configs for k in c}, key=lambda k: (k != "type", k))
+    lines = []
+    for name in names:
+        values = [c.get(name, "(none)") for c in configs]
+        if len(set(values)) > 1:
+            lines.append(f"  {name}: " + ", ".join(f"rank {r} {v}" for r, v in enumerate(values)))
+    return "\n".join(lines)
+
+
+def _holds_no_data(error: BaseException | None) -> bool:
+    """Whether a rank's step failed because its batch plate is empty (batchplate's own
+    messages for a size of 0 and an empty subsample)."""
+    text = str(error)
+    return isinstance(error, BatchPlateError) and (
+        "size must be a positive int, got 0" in text or "subsample is empty" in text
+    )
+
+
+# Columns of the row each rank contributes to the exchange; the losses follow.
+_OK, _SIZE, _FULL, _NPARAMS, _SIG, _CONFIG, _NLOSSES = range(7)
+_MAX_LOSSES = 4  # slots for the losses (reweighted wake-sleep has 2), so that rows align
+
+
+@dataclass
+class _Step:
+    """One rank's forward pass: its losses and parameters, or why it failed."""
+
+    losses: Losses | None
+    params: dict[str, torch.Tensor]
+    failure: Exception | None
+
+
 class DistributedObjective(ELBO):
     r"""Run a batchplate objective data-parallel, with single-process results.
 
@@ -241,13 +304,28 @@ class DistributedObjective(ELBO):
     the global gradient on every rank, so identical optimizers keep identical
     parameters.
 
-    How: the objective's `local_losses` gives the
-    rank's loss tensors and its batch plate; one `all_gather` of each rank's
-    batch size `B_r`, dataset size `N_r`, local losses and parameter checksum
-    gives every rank the shares `f_r` (`rank_shares`: `B_r / B` for the mean
-    and for a subsampled sum, `1` for the sum over unsubsampled shards) and
+    How: the objective's `local_losses` gives the rank's loss tensors and its
+    batch plate; one `all_gather` of each rank's batch size `B_r`, dataset size
+    `N_r`, local losses, parameter checksum, objective settings checksum and
+    success gives every rank the shares `f_r` (`rank_shares`: `B_r / B` for the
+    mean and for a subsampled sum, `1` for the sum over unsubsampled shards) and
     the global losses; the rank back-propagates `f_r` times its local losses;
-    one all-reduce of a flat gradient bucket sums the gradients.
+    one all-reduce of a flat gradient bucket, which carries a failure flag too,
+    sums the gradients.
+
+    Every step is agreed by all ranks, so no rank goes on alone and none waits
+    for a peer that gave up:
+
+    - ranks that run different objective settings (`objective_config`: class,
+      `reduction`, `num_particles`, `alpha`, `insomnia`, `estimator`,
+      `vectorize_particles`, ...) fail, each with the same `BatchPlateError`
+      listing the differences;
+    - a rank whose forward pass fails (no data, a non-finite loss, any error)
+      makes every rank raise the same `BatchPlateError`, naming the rank and
+      its error, before any gradient is computed;
+    - the backward pass is atomic on all ranks (`atomic_backward`): if any
+      rank's gradient is non-finite or its backward pass raises, every rank's
+      `.grad` is left as it was and every rank raises.
 
     Randomness: the equality with one process holds for the same draws. Ranks
     draw their own particles, which is as good statistically (independent
@@ -329,45 +407,138 @@ class DistributedObjective(ELBO):
             )
         return (N / B) * (B_r / N_r)
 
+    def config(self) -> dict:
+        """This rank's settings that every rank must share (see `objective_config`)."""
+        return objective_config(self.objective, self.dataset_size)
+
+    # -- the exchange ----------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        # NCCL exchanges on this process's GPU, gloo on the CPU.
+        if dist.get_backend(self.group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _row(self, step: _Step, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        """This rank's row of the exchange (zeros where a failed step knows nothing)."""
+        ok = step.failure is None
+        floats = [float(v.detach()) for v in values] if ok else []
+        batch = step.losses.batch if ok else None
+        row = [
+            float(ok),
+            batch.size if ok else 0,
+            batch.full_size if ok else 0,
+            len(step.params),
+            _signature(step.params),
+            _config_checksum(self.config()),
+            len(floats),
+            *floats,
+            *[0.0] * (_MAX_LOSSES - len(floats)),
+        ]
+        return torch.tensor(row, dtype=torch.float64, device=self._device())
+
     def _exchange(
-        self, values: Sequence[torch.Tensor], batch: BatchInfo | None, params: dict
+        self, step: _Step, values: Sequence[torch.Tensor]
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """All-gather sizes, losses and parameter checksums; return `(f_r, global losses)`."""
-        _check_initialized()
-        if batch is None:
-            raise RuntimeError("the objective reported no batch plate; nothing to synchronize")
-        row = torch.tensor(
-            [
-                batch.size,
-                batch.full_size,
-                len(params),
-                _signature(params),
-                *[float(v.detach()) for v in values],
-            ],
-            dtype=torch.float64,
-            device=values[0].device,  # NCCL exchanges on the GPU the losses live on
-        )
+        """All-gather every rank's row; check that the ranks can take this step together
+        (raising the same error on every rank if not); return `(f_r, global losses)`."""
+        row = self._row(step, values)
         rows = [torch.empty_like(row) for _ in range(dist.get_world_size(self.group))]
         dist.all_gather(rows, row, group=self.group)
         table = torch.stack(rows).cpu()
-        if not bool((table[:, 2:4] == table[0, 2:4]).all()):
+        self._check_table(table, step)
+        f = self.rank_shares(table[:, [_SIZE, _FULL]])
+        count = int(table[0, _NLOSSES])
+        columns = table[:, _NLOSSES + 1 : _NLOSSES + 1 + count]
+        return f, [(f * columns[:, i]).sum() for i in range(count)]
+
+    def _check_table(self, table: torch.Tensor, step: _Step) -> None:
+        """Raise on every rank alike if the ranks' settings differ or any rank failed."""
+        if not bool((table[:, _CONFIG] == table[0, _CONFIG]).all()):
+            configs = self._gather_objects(self.config())
+            raise BatchPlateError(
+                "DistributedObjective: the ranks run different objective settings, so their "
+                "losses and gradients cannot be combined (no rank took this step):\n"
+                f"{_differences(configs)}\n"
+                "Build the same objective (class and keyword arguments) on every rank."
+            )
+        if not bool(table[:, _OK].all()):
+            self._fail(step.failure, "forward pass")
+        if not bool((table[:, _NPARAMS : _SIG + 1] == table[0, _NPARAMS : _SIG + 1]).all()):
             raise RuntimeError(
                 "ranks touched different parameters in this step (counts "
-                f"{table[:, 2].long().tolist()}); every rank must run the same model and guide "
-                "and create the same pyro.param sites, so that gradients can be summed."
+                f"{table[:, _NPARAMS].long().tolist()}); every rank must run the same model and "
+                "guide and create the same pyro.param sites, so that gradients can be summed."
             )
-        f = self.rank_shares(table)
-        columns = table[:, 4:]
-        return f, [(f * columns[:, i]).sum() for i in range(columns.shape[1])]
+
+    def _gather_objects(self, obj: object) -> list:
+        """Every rank's `obj` (pickled): only on a failure path, to put details in messages."""
+        out: list = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(out, obj, group=self.group)
+        return out
+
+    def _fail(self, failure: BaseException | None, where: str) -> NoReturn:
+        """Raise, on every rank, one `BatchPlateError` naming the ranks that failed and why
+        (called by all ranks together: it exchanges the messages)."""
+        mine = None
+        if failure is not None:
+            mine = (f"{type(failure).__name__}: {failure}", _holds_no_data(failure))
+        reports = self._gather_objects(mine)
+        failed = {r: report for r, report in enumerate(reports) if report is not None}
+        world = len(reports)
+        empty = [r for r, (_, no_data) in failed.items() if no_data]
+        if empty:
+            head = (
+                f"DistributedObjective: rank(s) {empty} of {world} hold no data (an empty batch "
+                "plate), and every rank needs at least one datum of the minibatch. Give every "
+                f"rank a shard of a minibatch of at least {world} data (shard_indices(B) does "
+                "when B >= world size), or start fewer ranks. No rank took this step."
+            )
+        else:
+            head = (
+                f"DistributedObjective: rank(s) {sorted(failed)} of {world} failed in the "
+                f"{where}, so no rank took this step (every rank's .grad is as it was)."
+            )
+        details = "\n".join(f"  rank {r}: {message}" for r, (message, _) in failed.items())
+        raise BatchPlateError(f"{head}\n{details}") from failure
+
+    def _sum_step_gradients(
+        self, params: dict[str, torch.Tensor], failure: BaseException | None
+    ) -> None:
+        """`atomic_backward`'s combine: sum this step's gradients over ranks, or, if any
+        rank failed (its flag rides in the same all-reduce), raise on every rank."""
+        tensors = list(params.values())
+        ok = failure is None
+        deltas = [
+            p.grad.detach() if ok and p.grad is not None else torch.zeros_like(p) for p in tensors
+        ]
+        flags = [float(ok and p.grad is not None) for p in tensors] + [float(not ok)]
+        dtype = deltas[0].dtype if deltas else torch.float64
+        device = deltas[0].device if deltas else self._device()
+        flag_tensor = torch.tensor(flags, dtype=dtype, device=device)
+        *sums, counts = _all_reduce_flat([*deltas, flag_tensor], self.group)
+        counts = counts.tolist()
+        if counts[-1] > 0:
+            self._fail(failure, "backward pass")
+        for p, g, present in zip(tensors, sums, counts[:-1], strict=True):
+            p.grad = g.clone() if present > 0 else None
 
     # -- Pyro's interface ---------------------------------------------------
 
-    def _local(self, model, guide, args, kwargs) -> tuple[Losses, dict[str, torch.Tensor]]:
-        """Run the objective on this rank's shard; return its losses and the params it touched."""
+    def _local(self, model, guide, args, kwargs) -> _Step:
+        """Run the objective on this rank's shard; keep a failure to tell the peers."""
         _check_initialized()
-        with poutine.trace(param_only=True) as capture:
-            losses = self.objective.local_losses(model, guide, *args, **kwargs)
-        return losses, _param_tensors(capture.trace)
+        try:
+            with poutine.trace(param_only=True) as capture:
+                losses = self.objective.local_losses(model, guide, *args, **kwargs)
+            if losses.batch is None:
+                raise RuntimeError("the objective reported no batch plate; nothing to synchronize")
+            if len(losses.values) > _MAX_LOSSES:
+                raise RuntimeError(f"at most {_MAX_LOSSES} losses can be synchronized")
+            losses.check_finite()
+        except Exception as e:  # the peers wait in the exchange: tell them, then raise
+            return _Step(None, {}, e)
+        return _Step(losses, _param_tensors(capture.trace), None)
 
     def _share(self, f: torch.Tensor) -> float:
         return float(f[dist.get_rank(self.group)])
@@ -379,28 +550,29 @@ class DistributedObjective(ELBO):
             losses (reweighted wake-sleep's `(wake_theta_loss, phi_loss)`).
         """
         with torch.no_grad():
-            losses, params = self._local(model, guide, args, kwargs)
-            _, total = self._exchange(losses.values, losses.batch, params)
-        return _result(losses, total)
+            step = self._local(model, guide, args, kwargs)
+            _, total = self._exchange(step, step.losses.values if step.losses else ())
+        return _result(step.losses, total)
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs):
         """The global loss; leaves the global gradient in every touched parameter's `.grad`.
 
         Gradients already present are kept and the step's gradient is added
-        (as Pyro's objectives do), so gradient accumulation works too.
+        (as Pyro's objectives do), so gradient accumulation works too. The step
+        is atomic on all ranks: if any rank fails, every rank raises the same
+        `BatchPlateError` and keeps its `.grad` as it was.
 
         :returns: as `loss`.
         """
-        losses, params = self._local(model, guide, args, kwargs)
-        f, total = self._exchange(losses.values, losses.batch, params)
-        tensors = [params[n] for n in sorted(params)]  # the same order on every rank
-        before = [None if p.grad is None else p.grad.detach().clone() for p in tensors]
-        share = self._share(f)
-        surrogate = sum(share * v for v in losses.values if v.requires_grad)
-        if isinstance(surrogate, torch.Tensor):
-            surrogate.backward(retain_graph=self.objective.retain_graph)
-        _sum_gradients(tensors, before, self.group)
-        return _result(losses, total)
+        step = self._local(model, guide, args, kwargs)
+        f, total = self._exchange(step, step.losses.values if step.losses else ())
+        surrogate = self._share(f) * step.losses.total()
+        if not surrogate.requires_grad:
+            # Every rank must take part in the gradient all-reduce, even without a gradient.
+            surrogate = surrogate + torch.zeros((), requires_grad=True)
+        retain = self.objective.retain_graph
+        atomic_backward(surrogate, step.params, retain, combine=self._sum_step_gradients)
+        return _result(step.losses, total)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args, **kwargs):
         """A scalar whose value is the global loss and whose gradient is this rank's share.
@@ -410,9 +582,9 @@ class DistributedObjective(ELBO):
         reweighted wake-sleep `wake_theta + phi` (each reaches its own
         parameters), or `phi` when the wake-theta phase is skipped.
         """
-        losses, params = self._local(model, guide, args, kwargs)
-        local = losses.total()
-        f, total = self._exchange([local], losses.batch, params)
+        step = self._local(model, guide, args, kwargs)
+        local = step.losses.total() if step.losses else None
+        f, total = self._exchange(step, [local] if step.losses else ())
         local = self._share(f) * local
         # The value of the global loss, the gradient of this rank's share of it.
         return local + (total[0].to(local) - local.detach())

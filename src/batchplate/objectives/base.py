@@ -348,24 +348,42 @@ def step_params(trace: Trace) -> dict[str, torch.Tensor]:
 
 
 def atomic_backward(
-    total: torch.Tensor, params: dict[str, torch.Tensor], retain_graph: bool | None
+    total: torch.Tensor,
+    params: dict[str, torch.Tensor],
+    retain_graph: bool | None,
+    combine: Callable[[dict[str, torch.Tensor], BaseException | None], None] | None = None,
 ) -> None:
     """`total.backward()`, kept only if every parameter's new gradient is finite.
 
     The earlier `.grad` tensors are set aside during the backward pass (no
     copy), so on failure each is put back as it was; on success the step's
     gradient is added to it, as a plain backward pass would.
+
+    :param combine: called with the parameters, whose `.grad` then holds only
+        this step's gradient, and the local failure (or `None`) after the
+        local backward pass and check, even when they failed; it may replace
+        the fresh gradients (`batchplate.distributed` sums them over ranks) and
+        raises to make the step fail (where any rank failed), which puts the
+        earlier gradients back here too.
     """
     previous = {name: p.grad for name, p in params.items()}
     for p in params.values():
         p.grad = None
     try:
-        total.backward(retain_graph=retain_graph)
-        fresh = [p.grad for p in params.values() if p.grad is not None]
-        # One device sync for all parameters; names are looked up only on failure.
-        if fresh and not bool(torch.stack([torch.isfinite(g).all() for g in fresh]).all()):
-            bad = [n for n, p in params.items() if p.grad is not None and not _finite(p.grad)]
-            raise non_finite_gradient_error(bad)
+        failure = None
+        try:
+            total.backward(retain_graph=retain_graph)
+            fresh = [p.grad for p in params.values() if p.grad is not None]
+            # One device sync for all parameters; names are looked up only on failure.
+            if fresh and not bool(torch.stack([torch.isfinite(g).all() for g in fresh]).all()):
+                bad = [n for n, p in params.items() if p.grad is not None and not _finite(p.grad)]
+                raise non_finite_gradient_error(bad)
+        except Exception as e:
+            if combine is None:
+                raise
+            failure = e  # the peers must still hear of it, or they would wait forever
+        if combine is not None:
+            combine(params, failure)
     except BaseException:
         for name, p in params.items():
             p.grad = previous[name]
