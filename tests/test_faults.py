@@ -207,6 +207,14 @@ def test_nan_datum_is_named():
         log_weights(model, prior_guide, x)
 
 
+def test_nan_datum_is_named_with_vectorized_particles():
+    """The first run that guesses `max_plate_nesting` meets the NaN first: named there too."""
+    x = X.clone()
+    x[1] = float("nan")
+    with pytest.raises(BatchPlateError, match=r"at rows \[1\]"):
+        Trace_ELBO(num_particles=2, vectorize_particles=True).loss(model, guide, x)
+
+
 # -- the command lines ------------------------------------------------------------------
 
 

@@ -61,11 +61,17 @@ class Particles:
 
 def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """Run guide and model once, without particles, and count vectorized plate dims."""
-    with poutine.block():
-        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
-            *args, **kwargs
-        )
+    try:
+        with poutine.block():
+            guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+                *args, **kwargs
+            )
+    except ValueError as e:  # this first run meets a NaN datum first: name it, as wake_pair does
+        error = None if isinstance(e, BatchPlateError) else non_finite_input_error(args, kwargs, e)
+        if error is None:
+            raise
+        raise error from e
     return trace_nesting((model_trace, guide_trace))
 
 
