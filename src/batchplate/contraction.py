@@ -185,17 +185,17 @@ def dice_terms(pair: Pair, batch: BatchInfo, K: int) -> tuple[torch.Tensor, torc
     pack_pair((model_trace, guide_trace))
     particle, batch_symbol = _symbols(model_trace, batch)
     if batch.vectorized:
-        views = {None: (model_trace, guide_trace)}
+        views = {None: (model_trace, guide_trace, set())}
     else:
         views = _split_by_datum(model_trace, guide_trace)
     columns, global_term = {}, None
-    for datum, view in views.items():
-        local, glob = _dice_elbo(*view, particle, batch_symbol)
-        if datum == "global":
-            global_term = glob
-        elif local is not None:
+    for datum, (model_view, guide_view, context) in views.items():
+        local, glob = _dice_elbo(model_view, guide_view, particle, batch_symbol, context)
+        if datum not in (None, "global"):  # a sequential datum: all its terms are its own
+            local, glob = (glob if local is None else local + glob), None
+        if local is not None:
             columns[datum] = local
-        if glob is not None and datum != "global":
+        if glob is not None:
             global_term = glob if global_term is None else global_term + glob
     like = next(iter(columns.values()), global_term)
     per_datum = _place(columns, batch, K, like) / batch.subsample_scale
@@ -227,14 +227,23 @@ def _add_score_parts(guide_trace: Trace) -> None:
 
 
 def _split_by_datum(model_trace: Trace, guide_trace: Trace) -> dict:
-    """Per-datum views of a sequential batch plate's traces (`"global"`: the rest)."""
+    """Per-datum views `(model, guide, context)` of a sequential batch plate's traces
+    (`"global"`: the rest). A datum's guide view also holds the guide sites outside
+    the batch plate, its `context`: their Dice factors weigh the datum's costs (a
+    global draw changes every datum's term), their own costs count once, globally."""
     groups: dict = {}
     for role, trace in enumerate((model_trace, guide_trace)):
         for name, site in trace.nodes.items():
             groups.setdefault(_datum(site), ([], []))[role].append(name)
+    context = groups.get("global", ([], []))[1]
     views = {}
     for datum, (model_names, guide_names) in groups.items():
-        views[datum] = (_subtrace(model_trace, model_names), _subtrace(guide_trace, guide_names))
+        extra = [] if datum == "global" else context
+        views[datum] = (
+            _subtrace(model_trace, model_names),
+            _subtrace(guide_trace, extra + guide_names),
+            set(extra),
+        )
     return views
 
 
@@ -247,8 +256,11 @@ def _subtrace(trace: Trace, names: list[str]) -> Trace:
     return view
 
 
-def _dice_elbo(model_trace: Trace, guide_trace: Trace, particle: str | None, batch: str | None):
-    """Pyro's `_compute_dice_elbo`, returning `(local [K|1, B|1] or None, global or None)`."""
+def _dice_elbo(
+    model_trace: Trace, guide_trace: Trace, particle: str | None, batch: str | None, context: set
+):
+    """Pyro's Dice ELBO, returning `(local [K|1, B|1] or None, global or None)`; the
+    guide sites in `context` only weigh (Dice factors), their costs are counted elsewhere."""
     costs, log_factors, ordering, sum_dims, scale = model_factors(model_trace, guide_trace)
     if log_factors:
         dim_to_size = {}
@@ -261,7 +273,8 @@ def _dice_elbo(model_trace: Trace, guide_trace: Trace, particle: str | None, bat
         for t, terms in log_factors.items():
             costs.setdefault(t, []).extend(packed.scale_and_mask(x, scale=scale) for x in terms)
     for name, site in guide_trace.nodes.items():
-        costs.setdefault(ordering[name], []).append(packed.neg(site["packed"]["log_prob"]))
+        if name not in context:
+            costs.setdefault(ordering[name], []).append(packed.neg(site["packed"]["log_prob"]))
     return _expectation(Dice(guide_trace, ordering), costs, particle, batch)
 
 

@@ -58,6 +58,9 @@ class LogWeights:
     `log_w`: the reductions add it once (`BatchObjective.reduce`)."""
     global_latents: tuple[str, ...] = ()
     """Guide sites outside the batch plate that are not point masses (`dist.Delta`)."""
+    global_score_log_q: torch.Tensor | None = None
+    """`[K]`: the score-function log probs of the non-reparameterized guide sites
+    outside the batch plate (masked, not scaled), `None` without any."""
 
     @property
     def log_w(self) -> torch.Tensor:
@@ -266,7 +269,7 @@ def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> 
     pair and concatenated over particles into `LogWeights.extra`.
     """
     K = particles.num_particles if particles.vectorized else 1
-    rows, extras, globals_, pair = [], [], [], None
+    rows, extras, globals_, scores, pair = [], [], [], [], None
     for pair in particles.pairs:
         batch = pair_batch(pair)
         reduced = _reduce_pair(pair, batch, K)
@@ -275,6 +278,7 @@ def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> 
         if extra is not None:
             extras.append(extra(pair, batch, K))
         globals_.append(global_terms(pair, K))
+        scores.append(global_score_log_q(pair, K))
     log_p, log_q = (torch.cat([row[i] for row in rows]) for i in (0, 1))
     score_log_q = None
     if any(row[2] is not None for row in rows):  # dynamic programs: in some particles only
@@ -287,7 +291,21 @@ def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> 
     if globals_[0][0] is not None:
         weights.global_log_w = torch.cat([g.expand(K) for g, _ in globals_])
         weights.global_latents = globals_[0][1]
+        if any(s is not None for s in scores):  # dynamic programs: in some particles only
+            like = weights.global_log_w[:K]
+            weights.global_score_log_q = torch.cat([_or_zeros(s, like) for s in scores])
     return weights
+
+
+def global_score_log_q(pair: Pair, K: int) -> torch.Tensor | None:
+    """`[K]`: the score functions' log q of the non-reparameterized guide sites outside
+    the batch plate (`None` without any): a global draw's cost spans every datum."""
+    total = None
+    for site in density_sites(pair[1]):
+        if batch_frame(site) is None and not is_reparameterized(site):
+            term = to_kb(score_log_prob(site), particle_dim(site), None).reshape(-1)
+            total = term if total is None else total + term
+    return None if total is None else total.expand(K)
 
 
 def global_terms(pair: Pair, K: int) -> tuple[torch.Tensor | None, tuple[str, ...]]:

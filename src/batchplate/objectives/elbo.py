@@ -58,6 +58,26 @@ class Trace_ELBO(BatchObjective):
             return super().weigh(model, guide, args, kwargs, **options)
         return weigh_paths(self, model, guide, args, kwargs, **options)
 
+    def global_term(self, weights: LogWeights) -> torch.Tensor | None:
+        """`G`, plus the score-function surrogate of non-reparameterized global latents.
+
+        A global draw changes every datum's term, so its cost is the whole
+        objective of its particle, `G_k + (N/B) sum_b l[k, b]` (Pyro's rule for a
+        site outside every plate), less the other particles' mean as a baseline.
+        In `"sum"` units; `reduce` divides `G` by `N` for `"mean"`, which scales
+        this term alike. As in Pyro, the pathwise derivative of such a site's
+        `-log q` (mean zero) is left out.
+        """
+        G = super().global_term(weights)
+        score = weights.global_score_log_q
+        if G is None or score is None:
+            return G
+        local = weights.log_w.sum(-1) * weights.batch.subsample_scale
+        cost = (weights.global_log_w + local).detach()
+        cost = cost - leave_one_out_mean(cost, dim=0)
+        surrogate = ((cost + 1.0) * score).mean()
+        return G + (surrogate - surrogate.detach())
+
     def per_datum(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         value = weights.log_w.mean(0)
         if isinstance(weights, PathWeights):
