@@ -121,3 +121,99 @@ def test_needs_floating_point_data():
     model, guide = programs(mlp(batch_norm=False))
     with pytest.raises(ValueError, match="floating-point tensor"):
         check_batch_independence(model, guide, torch.arange(B))
+
+
+# -- the permutation check: coupling without a gradient ---------------------------------
+
+
+def conjugate_model(x):
+    with batch_plate("data", len(x)):
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+
+def test_comparison_with_the_batch_median_is_flagged():
+    """`x > x.median()` has no gradient: the autograd check sees nothing, the split
+    minibatch has another median."""
+
+    def guide(x):
+        with batch_plate("data", len(x)):
+            pyro.sample("z", dist.Normal((x > x.median()).float(), 1.0))
+
+    x = torch.tensor([0.3, -1.2, 2.0, 0.9, -0.4, 1.5])
+    report = check_batch_independence(conjugate_model, guide, x, raise_error=False)
+    assert report.coupled == {} and report.permutation_checked
+    assert report.moved and not report.independent
+    with pytest.raises(BatchPlateError, match="reordered or split with the same latents"):
+        check_batch_independence(conjugate_model, guide, x)
+
+
+def test_detached_batch_mean_in_the_model_is_flagged():
+    def model(x):
+        center = x.mean().detach()
+        with batch_plate("data", len(x)):
+            z = pyro.sample("z", dist.Normal(center, 1.0))
+            pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x):
+        with batch_plate("data", len(x)):
+            pyro.sample("z", dist.Normal(x, 1.0))
+
+    x = torch.tensor([0.3, -1.2, 2.0, 0.9, -0.4])
+    report = check_batch_independence(model, guide, x, raise_error=False)
+    assert report.coupled == {}
+    assert sorted(report.moved) == [0, 1, 2, 3, 4]
+    assert "data [0, 1, 2, 3, 4] change their log weight" in str(report)
+
+
+def test_position_in_the_minibatch_is_flagged():
+    """A sequential guide that reads the loop counter: a function of the position, not of
+    the datum (the reordered minibatch moves every datum)."""
+
+    def model(x):
+        for i in batch_plate("data", len(x)):
+            z = pyro.sample(f"z_{i}", dist.Normal(0.0, 1.0))
+            pyro.sample(f"x_{i}", dist.Normal(z, 1.0), obs=x[i])
+
+    def guide(x):
+        for i in batch_plate("data", len(x)):
+            pyro.sample(f"z_{i}", dist.Normal(x[i] + 0.1 * i, 1.0))
+
+    report = check_batch_independence(model, guide, torch.zeros(4), raise_error=False)
+    assert report.coupled == {} and set(report.moved) == {0, 1, 2, 3}
+
+
+def test_independent_sequential_and_subsampled_programs_pass():
+    """Per-datum programs pass both checks in every layout: sequential (site names carry
+    the position), vectorized and sequential with subsampling (rows of an [N] input)."""
+
+    def seq_model(x, idx=None):
+        for i in batch_plate("data", len(x) if idx is None else 10, subsample=idx):
+            z = pyro.sample(f"z_{i}", dist.Normal(0.0, 1.0))
+            flips = pyro.sample(f"n_{i}", dist.Geometric(0.5))  # data-dependent structure
+            pyro.sample(f"x_{i}", dist.Normal(z + flips, 1.0), obs=x[i])
+
+    def seq_guide(x, idx=None):
+        for i in batch_plate("data", len(x) if idx is None else 10, subsample=idx):
+            pyro.sample(f"z_{i}", dist.Normal(x[i] * 0.5, 1.0))
+            pyro.sample(f"n_{i}", dist.Geometric(torch.sigmoid(x[i])))
+
+    x = torch.linspace(-1.0, 2.0, 10)
+    for report in (
+        check_batch_independence(seq_model, seq_guide, x[:5]),
+        check_batch_independence(seq_model, seq_guide, x, torch.tensor([7, 2, 5, 0])),
+    ):
+        assert report.independent and report.permutation_checked
+
+    model, guide = programs(mlp(batch_norm=False), subsample=torch.tensor([6, 1, 4, 3]))
+    report = check_batch_independence(model, guide, data(8))
+    assert report.independent and report.permutation_checked and report.moved == {}
+
+
+def test_dropout_in_training_mode_skips_the_permutation_check():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(2, 8), nn.Dropout(0.5), nn.Linear(8, 1)).train()
+    model, guide = programs(encoder)
+    with pytest.warns(UserWarning, match="not reproducible from its latents"):
+        report = check_batch_independence(model, guide, data())
+    assert report.independent and not report.permutation_checked

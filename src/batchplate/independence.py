@@ -1,16 +1,30 @@
-"""An opt-in autograd check that data points do not influence each other."""
+"""An opt-in check that data points do not influence each other: autograd and permutation.
+
+Two complementary tests of the same property, "datum `b`'s log weight depends on
+datum `b` only". The autograd check finds every dependence that has a gradient
+(batch normalization, attention across the batch); the permutation check re-runs
+the program on the minibatch reordered and split in two, replaying each datum's
+latents with it, and finds dependence without a gradient too (a comparison with
+the batch median, a detached batch mean, the datum's position).
+"""
 
 from __future__ import annotations
 
+import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from pyro.infer.util import site_is_subsample
+from pyro.poutine import Trace
+from pyro.poutine.messenger import Messenger
 from torch.nn.utils.rnn import PackedSequence
 
 from .draw import draw_particles, subsample_indices
 from .errors import BatchPlateError
-from .plate import BatchInfo
+from .plate import BatchInfo, batch_frame
 from .weights import compute_log_weights
 
 
@@ -22,10 +36,16 @@ class IndependenceReport:
     inputs_checked: list[str]
     coupled: dict[int, list[int]] = field(default_factory=dict)
     """datum -> the other data (minibatch positions) whose inputs it depends on."""
+    moved: dict[int, float] = field(default_factory=dict)
+    """datum -> how far (nats) its log weight moved when the minibatch was reordered
+    or split with its latents replayed (the permutation check)."""
+    permutation_checked: bool = True
+    """Whether the permutation check ran (it is skipped, with a warning, for a
+    program whose log weights are not reproducible from its latents)."""
 
     @property
     def independent(self) -> bool:
-        return not self.coupled
+        return not self.coupled and not self.moved
 
     def __str__(self) -> str:
         if self.independent:
@@ -40,19 +60,23 @@ class IndependenceReport:
         more = len(self.coupled) - 10
         if more > 0:
             lines.append(f"... and {more} more data")
+        if self.moved:
+            worst = max(self.moved.values())
+            lines.append(
+                f"data {_listed(sorted(self.moved))} change their log weight (by up to "
+                f"{worst:.3g} nats) when the minibatch is reordered or split with the same "
+                "latents: they depend on other data or on their position in the minibatch"
+            )
         return "\n".join(lines)
 
 
-def _floating_inputs(args: tuple, kwargs: dict):
-    """Replace floating tensors among the arguments (at any depth) by leaves that need grad."""
-    found: list[tuple[str, torch.Tensor]] = []
+def _listed(items: list[int], limit: int = 10) -> str:
+    shown = ", ".join(str(i) for i in items[:limit])
+    return f"[{shown}{', ...' if len(items) > limit else ''}]"
 
-    def lift(x, label):
-        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1:
-            leaf = x.detach().clone().requires_grad_(True)
-            found.append((label, leaf))
-            return leaf
-        return x
+
+def _map_tensors(args: tuple, kwargs: dict, fn: Callable[[str, Any], Any]) -> tuple:
+    """`(args, kwargs)` with `fn(label, x)` applied to every leaf, at any depth."""
 
     def walk(x, label):
         # Any nesting of lists, tuples, namedtuples and dicts. A PackedSequence's
@@ -65,29 +89,55 @@ def _floating_inputs(args: tuple, kwargs: dict):
             return type(x)(walk(v, f"{label}[{i}]") for i, v in enumerate(x))
         if isinstance(x, dict):
             return type(x)((k, walk(v, f"{label}[{k!r}]")) for k, v in x.items())
-        return lift(x, label)
+        return fn(label, x)
 
     new_args = tuple(walk(a, f"args[{i}]") for i, a in enumerate(args))
-    new_kwargs = {k: walk(v, k) for k, v in kwargs.items()}
+    return new_args, {k: walk(v, k) for k, v in kwargs.items()}
+
+
+def _floating_inputs(args: tuple, kwargs: dict):
+    """Replace floating tensors among the arguments (at any depth) by leaves that need grad."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def lift(label, x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() >= 1:
+            leaf = x.detach().clone().requires_grad_(True)
+            found.append((label, leaf))
+            return leaf
+        return x
+
+    new_args, new_kwargs = _map_tensors(args, kwargs, lift)
     return new_args, new_kwargs, found
 
 
 def check_batch_independence(
     model: Callable, guide: Callable, *args, raise_error: bool = True, **kwargs
 ) -> IndependenceReport:
-    """Check with autograd that datum `b`'s log weight depends only on datum `b`'s inputs.
+    """Check that datum `b`'s log weight depends only on datum `b`'s inputs.
 
     Coupling invisible in the program's structure — batch normalization in
     training mode in an encoder, attention across the batch, a statistic of
     the whole minibatch — makes the per-datum objectives wrong. This draws one
-    particle, differentiates each datum's log weight `l[0, b]` with respect
-    to every floating-point tensor argument whose leading dimension is the
-    minibatch size `B` (row `b` is datum `b`) or the dataset size `N`
-    (row `subsample[b]` is datum `b`), and reports every datum whose
-    weight has a non-zero derivative with respect to another datum's row.
+    particle and runs two checks on it:
 
-    It costs `B` backward passes: run it once, not in the training loop.
-    Modules are used in whatever mode they are in (`train()` or `eval()`).
+    - autograd: it differentiates each datum's log weight `l[0, b]` with
+      respect to every floating-point tensor argument whose leading dimension
+      is the minibatch size `B` (row `b` is datum `b`) or the dataset size `N`
+      (row `subsample[b]` is datum `b`), and reports every datum whose weight
+      has a non-zero derivative with respect to another datum's row;
+    - permutation: it runs the program again on the minibatch reordered, and on
+      each half of it, replaying every datum's latents with the datum (the rows
+      of `[B, ...]` tensor arguments, or the subsample indices, are reordered),
+      and reports every datum whose log weight moved. This finds coupling
+      without a gradient (`x > x.median()`, `x.mean().detach()`, the datum's
+      position). A program whose weights cannot be reproduced from its latents
+      (randomness outside sample sites, such as dropout in training mode) skips
+      it with a warning; a program that cannot run on half the minibatch (a
+      fixed size) is checked on the reordered minibatch only.
+
+    It costs `B` backward passes and four forward passes: run it once, not in
+    the training loop. Modules are used in whatever mode they are in
+    (`train()` or `eval()`).
 
     :param raise_error: raise `BatchPlateError` when data are coupled
         (default); otherwise return the report.
@@ -121,12 +171,16 @@ def check_batch_independence(
         )
     report = IndependenceReport(batch.size, [label for label, _ in checked])
     report.coupled = _coupled_data(weights.log_w[0], checked, rows)
+    with torch.no_grad():
+        runs = _Reruns(model, guide, args, kwargs, weights)
+        report.moved, report.permutation_checked = runs.moved()
     if raise_error and not report.independent:
         raise BatchPlateError(
             f"Data of batch plate '{batch.name}' are coupled: a datum's log weight depends on "
-            f"other data's inputs ({', '.join(report.inputs_checked)}):\n{report}\n"
+            f"other data ({', '.join(report.inputs_checked)}):\n{report}\n"
             "Typical causes: batch normalization in training mode, attention or pooling "
-            "across the batch, or statistics of the whole minibatch in model or guide. "
+            "across the batch, or statistics of the whole minibatch in model or guide (with "
+            "or without a gradient: a detached mean, a comparison with the median). "
             "Per-datum objectives assume each datum's weight depends on that datum only."
         )
     return report
@@ -172,3 +226,142 @@ def _coupled_data(log_w: torch.Tensor, checked: list, rows: _Rows) -> dict:
         if others:
             coupled[b] = sorted(others)
     return coupled
+
+
+# -- the permutation check -----------------------------------------------------------
+
+
+class _ReplayByDatum(Messenger):
+    """Give each guide site of the datum now at position `p` the value that datum's
+    site had in the first run (`order[p]` is its first-run position).
+
+    Vectorized batch plate: a site's value, reordered along the plate's dim.
+    Sequential: the `k`-th latent site of position `p` gets the `k`-th latent of
+    datum `order[p]`, whatever the sites are called (names often carry the
+    position). Sites outside the batch plate get their first-run value.
+    """
+
+    def __init__(self, guide_trace: Trace, order: torch.Tensor) -> None:
+        super().__init__()
+        self.order = order.tolist()
+        self.by_name: dict[str, torch.Tensor] = {}
+        self.by_datum: dict[int, list[torch.Tensor]] = {}
+        self.seen: Counter = Counter()
+        for name, site in guide_trace.nodes.items():
+            if not _replayable(site):
+                continue
+            frame = batch_frame(site)
+            if frame is None:
+                self.by_name[name] = site["value"]
+            elif frame.vectorized:
+                dim = frame.dim - site["fn"].event_dim
+                self.by_name[name] = site["value"].index_select(dim, order)
+            else:
+                self.by_datum.setdefault(frame.datum, []).append(site["value"])
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if not _replayable(msg):
+            return
+        frame = batch_frame(msg)
+        if frame is None or frame.vectorized:
+            value = self.by_name.get(msg["name"])
+        else:
+            k, first_run = self.seen[frame.datum], self.by_datum.get(self.order[frame.datum], [])
+            self.seen[frame.datum] += 1
+            value = first_run[k] if k < len(first_run) else None
+        if value is not None:  # a site the first run did not have is drawn afresh
+            msg["value"] = value
+            msg["done"] = True
+
+
+def _replayable(site: dict) -> bool:
+    return (
+        site["type"] == "sample"
+        and not site["is_observed"]
+        and not site_is_subsample(site)
+        and site["infer"].get("enumerate") is None
+    )
+
+
+class _Reruns:
+    """The program re-run on reorderings of the first run's minibatch, latents replayed."""
+
+    def __init__(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, weights):
+        self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
+        self.batch: BatchInfo = weights.batch
+        self.log_w = weights.log_w[0].detach()
+        self.guide_trace = weights.pair[1]
+        self.subsample = subsample_indices(weights.pair[0], self.batch.name)
+
+    def moved(self) -> tuple[dict[int, float], bool]:
+        """datum -> how far its log weight moved in any rerun, and whether the check ran."""
+        B = self.batch.size
+        if B < 2:
+            return {}, True
+        if _far(self.rerun(torch.arange(B)), self.log_w).any():
+            warnings.warn(
+                "check_batch_independence: the program's log weights are not reproducible from "
+                "its latents (randomness outside sample sites, such as dropout in training "
+                "mode?), so the permutation check was skipped; only the autograd check ran.",
+                stacklevel=3,
+            )
+            return {}, False
+        order = torch.arange(B).roll(1)  # every datum moves
+        half = B // 2
+        moved: dict[int, float] = {}
+        for part in (order, order[:half], order[half:]):
+            try:
+                got = self.rerun(part)
+            except Exception as e:  # e.g. a size fixed in the program: the halves cannot run
+                if len(part) == B:
+                    raise
+                warnings.warn(
+                    f"check_batch_independence: the program did not run on half the minibatch "
+                    f"({type(e).__name__}: {e}); the permutation check used the reordered "
+                    "minibatch only.",
+                    stacklevel=3,
+                )
+                break
+            want = self.log_w[part]
+            for p in _far(got, want).nonzero().flatten().tolist():
+                b = int(part[p])
+                moved[b] = max(moved.get(b, 0.0), float((got[p] - want[p]).abs()))
+        return moved, True
+
+    def rerun(self, order: torch.Tensor) -> torch.Tensor:
+        """`l[0, :]` of the minibatch `order` (first-run positions), latents replayed."""
+        B = self.batch.size
+        subsampled = self.subsample is not None and self.batch.full_size != B
+
+        def reorder(label, x):
+            if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B:
+                return x.detach()[order.to(x.device)]
+            return x
+
+        args, kwargs = _map_tensors(self.args, self.kwargs, reorder)
+        fixed = None
+        if subsampled:
+            fixed = Trace()
+            value = self.subsample[order.to(self.subsample.device)]
+            fixed.add_node(self.batch.name, type="sample", is_observed=False, value=value, infer={})
+        guide = _ReplayByDatum(self.guide_trace, order)(self.guide)
+        particles = draw_particles(
+            self.model,
+            guide,
+            args,
+            kwargs,
+            num_particles=1,
+            vectorize_particles=False,
+            max_plate_nesting=float("inf"),
+            subsample=fixed,
+        )
+        return compute_log_weights(particles).log_w[0]
+
+
+def _far(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
+    """Which entries differ by more than float rounding (batched kernels may sum in another
+    order on another minibatch size): `sqrt(eps)` relative to `1 + |value|`."""
+    if got.shape != want.shape:
+        return torch.ones(want.shape, dtype=torch.bool)
+    tol = torch.finfo(want.dtype).eps ** 0.5
+    return (got - want).abs() > tol * (1 + want.abs())
