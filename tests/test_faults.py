@@ -98,6 +98,63 @@ def test_replay_latents_scores_fixed_values():
     assert torch.allclose(got, want)
 
 
+# -- a padded loop whose model finishes differently from its guide ---------------------
+
+OBS = torch.tensor([0.0, 2.0, 1.0, 3.0])
+
+
+def padded_guide(obs):
+    with batch_plate("data", len(obs)):
+        lanes = batchplate.Lanes("g", 60)
+        for _ in lanes:
+            lanes.finish(lanes.sample(dist.Bernoulli(0.3)) == 1)
+
+
+def padded_model(done_after: int):
+    """The guide's loop, but the model's done test waits `done_after` steps longer (> 0)
+    or less (< 0: it stops every lane after `-done_after` steps, heads or not)."""
+
+    def model(obs):
+        with batch_plate("data", len(obs)):
+            lanes = batchplate.Lanes("g", 60)
+            g = lanes.zeros()
+            for t in lanes:
+                flip = lanes.sample(dist.Bernoulli(0.5))
+                g = lanes.where(g + 1 - flip, g)
+                done = (flip == 1) & (t >= done_after) if done_after >= 0 else t >= -done_after - 1
+                lanes.finish(done)
+            pyro.sample("obs", dist.Normal(g, 1.0), obs=obs)
+
+    return model
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_padded_model_finishing_differently_raises(vectorize):
+    """Same site names (both loops run as long overall), lanes counted differently: the
+    masks disagree. More or fewer steps overall: the step sites disagree."""
+    elbo = RenyiELBO(alpha=0.0, num_particles=3, vectorize_particles=vectorize)
+    for seed in range(4):  # some draws end both loops at the same step, some not
+        pyro.set_rng_seed(seed)
+        with pytest.raises(BatchPlateError, match=r"padded loop\(s\) \['g'\]") as info:
+            elbo.loss(padded_model(2), padded_guide, OBS)
+        assert "masked differently" in str(info.value) or "not sampled by the guide" in str(
+            info.value
+        )
+    pyro.set_rng_seed(0)
+    with pytest.raises(BatchPlateError, match="masked differently in model and guide") as info:
+        log_weights(padded_model(2), padded_guide, OBS, num_particles=3)
+    assert "the model's loop finishes lanes differently from the guide's" in str(info.value)
+    pyro.set_rng_seed(0)  # the same loop with the guide's done test is weighed
+    assert torch.isfinite(log_weights(padded_model(0), padded_guide, OBS, num_particles=3)).all()
+
+
+def test_padded_model_stopping_early_raises():
+    pyro.set_rng_seed(1)
+    with pytest.raises(BatchPlateError, match=r"guide sites \['g_1'.* padded loop") as info:
+        log_weights(padded_model(-1), padded_guide, OBS, num_particles=4)
+    assert "ran a different number of steps than the guide's" in str(info.value)
+
+
 # -- atomic steps ------------------------------------------------------------------
 
 

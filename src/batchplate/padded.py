@@ -213,8 +213,10 @@ class Lanes:
         :param when: further restrict the site to lanes where this is true
             (e.g. an emission that only happens on some steps).
         """
+        # The mark lets strict matching name the loop when model and guide finish differently.
+        infer = dict(kwargs.pop("infer", None) or {}, padded_loop=self.name)
         with self.mask(when):
-            return pyro.sample(self.site_name(site), fn, obs=obs, **kwargs)
+            return pyro.sample(self.site_name(site), fn, obs=obs, infer=infer, **kwargs)
 
     # -- state helpers -----------------------------------------------------------
 

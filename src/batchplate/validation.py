@@ -94,7 +94,7 @@ def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float)
             "Put the model's observations inside a batch_plate. (The objectives return "
             "loss 0 without gradient for such a program, as Pyro does.)"
         )
-    check_match(names, model_trace)
+    check_match(names, model_trace, guide_trace)
     batch = BatchInfo.of(first[0])
     if not batch.vectorized:
         check_sequential_coverage(batch, model_data, "model")
@@ -102,7 +102,9 @@ def check_pair(model_trace: Trace, guide_trace: Trace, max_plate_nesting: float)
         _check_pyro_rules(model_trace, guide_trace, max_plate_nesting)
 
 
-def check_match(names: dict[tuple[str, bool], set[str]], model_trace: Trace) -> None:
+def check_match(
+    names: dict[tuple[str, bool], set[str]], model_trace: Trace, guide_trace: Trace | None = None
+) -> None:
     """Strict matching: the guide samples exactly the model's latent sites.
 
     Each way of breaking it returns a number that weighs the wrong thing: a
@@ -131,7 +133,15 @@ def check_match(names: dict[tuple[str, bool], set[str]], model_trace: Trace) -> 
     )
     if not (extra or missing):
         return
-    raise mismatch_error(extra, missing)
+    traces = (model_trace,) if guide_trace is None else (model_trace, guide_trace)
+    loops = sorted({_padded_loop(t, n) for t in traces for n in extra + missing} - {None})
+    raise mismatch_error(extra, missing, loops)
+
+
+def _padded_loop(trace: Trace, name: str) -> str | None:
+    """The `batchplate.Lanes` loop that drew site `name`, if any (it marks its sites)."""
+    site = trace.nodes.get(name)
+    return None if site is None else site["infer"].get("padded_loop")
 
 
 def _is_enumerated(site: dict) -> bool:
@@ -151,7 +161,7 @@ def guide_observes_error(observed: list[str], model_latent: set[str]) -> BatchPl
     )
 
 
-def mismatch_error(extra: list[str], missing: list[str]) -> BatchPlateError:
+def mismatch_error(extra: list[str], missing: list[str], loops: list = ()) -> BatchPlateError:
     """Model latents the guide does not sample, or guide sites the model does not have."""
     parts = []
     if extra:
@@ -171,6 +181,15 @@ def mismatch_error(extra: list[str], missing: list[str]) -> BatchPlateError:
         + "; ".join(parts)
         + ". The guide must sample every latent site of the model, under the same name "
         "(check for typos and for poutine.block around a site), and nothing else."
+        + (_padded_hint(loops, "ran a different number of steps than") if loops else "")
+    )
+
+
+def _padded_hint(loops: list, what: str) -> str:
+    return (
+        f" These are steps of padded loop(s) {loops} (batchplate.Lanes): the model's loop "
+        f"{what} the guide's. Its done test (lanes.finish) must be the guide's, a function of "
+        "the sampled values and the data only."
     )
 
 
@@ -233,6 +252,9 @@ def _check_guide_site(site: dict, frame: BatchFrame, model_trace: Trace) -> None
             f"{sorted(plates)} in the guide. A site must lie in the same plates in model and "
             f"guide: wrap the guide's '{name}' in the model's plates (same names and dims)."
         )
+    loop = site["infer"].get("padded_loop") or model_site["infer"].get("padded_loop")
+    if loop is not None:  # a user's own masks may differ on purpose (Pyro allows it)
+        _check_lane_masks(name, model_site, site, frame, loop)
     if not frame.vectorized and model_frame.counter != frame.counter:
         raise BatchPlateError(
             f"guide site '{name}' is drawn at datum {frame.datum} of "
@@ -240,6 +262,34 @@ def _check_guide_site(site: dict, frame: BatchFrame, model_trace: Trace) -> None
             f"{model_frame.datum}. A datum's latents must be drawn in that datum's "
             "iteration of the batch plate, from that datum's input only."
         )
+
+
+def _check_lane_masks(
+    name: str, model_site: dict, site: dict, frame: BatchFrame, loop: str
+) -> None:
+    """A padded loop's step counts in the model exactly for the lanes it counts in the
+    guide: a lane still running in one only adds `log q` without `log p` (or the reverse).
+    Site names alone do not show it when both loops run as many steps overall."""
+    masks = [
+        torch.as_tensor(True if s["mask"] is None else s["mask"], dtype=torch.bool)
+        for s in (model_site, site)
+    ]
+    try:
+        model_mask, guide_mask = torch.broadcast_tensors(*masks)
+    except RuntimeError:
+        model_mask, guide_mask = (m.all() for m in masks)  # shapes Pyro's own checks judge
+    differ = model_mask != guide_mask
+    if not bool(differ.any()):
+        return
+    data = ""
+    if frame.vectorized and differ.dim() >= -frame.dim:
+        rows = differ.movedim(frame.dim, -1).reshape(-1, differ.shape[frame.dim]).any(0)
+        data = f" at data {_shown(rows.nonzero().flatten().tolist())}"
+    raise BatchPlateError(
+        f"latent site '{name}' is masked differently in model and guide: {int(differ.sum())} "
+        f"of {differ.numel()} entries{data} count in one and not in the other, so their log q "
+        "has no log p (or the reverse)." + _padded_hint([loop], "finishes lanes differently from")
+    )
 
 
 def _spans_batch(site: dict, frame: BatchFrame) -> bool:
