@@ -22,8 +22,9 @@ from pyro.infer.util import site_is_subsample
 from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
 
+from .autoguides import adopt_batch_frames
 from .errors import BatchPlateError
-from .plate import adopt_batch_frames, check_positive_int
+from .plate import check_positive_int
 from .validation import (
     check_pair,
     contributes,

@@ -318,7 +318,10 @@ def global_terms(pair: Pair, K: int) -> tuple[torch.Tensor | None, tuple[str, ..
                 continue
             term = sign * to_kb(site["log_prob"], particle_dim(site), None).reshape(-1)
             total = term if total is None else total + term
-            if sign < 0 and not _is_point_mass(site["fn"]):
+            # A masked-out site carries no density (AutoDiagonalNormal's flat vector, whose
+            # density its Delta sites carry per datum): not a global latent.
+            point_mass = _is_point_mass(site["fn"]) and not site["infer"].get("random_point")
+            if sign < 0 and not point_mass and site["mask"] is not False:
                 latents.append(site["name"])
     return (None if total is None else total.expand(K)), tuple(latents)
 
