@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from pyro.poutine.indep_messenger import CondIndepStackFrame, IndepMessenger
-from pyro.poutine.messenger import Messenger
 from pyro.poutine.runtime import get_plates
 from pyro.primitives import plate
 
@@ -253,56 +252,3 @@ class batch_plate(plate):
         super()._process_message(msg)
         stack = msg["cond_indep_stack"]
         msg["cond_indep_stack"] = (BatchFrame(*stack[0]),) + stack[1:]
-
-
-class adopt_batch_frames(Messenger):
-    """Mark an autoguide's plate over the data as the batch plate.
-
-    Autoguides (`AutoNormal(model)`, `AutoDelta(model)`, ...) rebuild the
-    model's plates with plain `pyro.plate(name, ...)` from the frames of a
-    prototype trace of the model, in which the batch plate's frame is a
-    `BatchFrame`. Wrapped in this messenger, the autoguide's sites in the plate
-    of that name and dim get the `BatchFrame` back, so they are weighed per
-    datum. Only autoguides are wrapped (by `batchplate.draw`): a hand-written
-    guide still has to use `batch_plate` itself.
-
-    A joint autoguide (`AutoContinuous`: one latent vector for every site)
-    draws the latents of all data together; with the model's local latents in
-    the batch plate that couples the data, and it raises.
-
-    :param guide: a `pyro.infer.autoguide.AutoGuide`.
-    """
-
-    def __init__(self, guide: Any) -> None:
-        super().__init__()
-        self.guide = guide
-
-    def _process_message(self, msg: Any) -> None:
-        if msg["type"] != "sample":
-            return
-        frames = getattr(self.guide, "_prototype_frames", None) or {}
-        batch = {(f.name, f.dim): f for f in frames.values() if isinstance(f, BatchFrame)}
-        if not batch:
-            return
-        msg["cond_indep_stack"] = tuple(
-            BatchFrame(*f) if (f.name, f.dim) in batch and not isinstance(f, BatchFrame) else f
-            for f in msg["cond_indep_stack"]
-        )
-        joint = type(self.guide).__name__ != "AutoGuideList" and hasattr(
-            self.guide, "get_posterior"
-        )
-        if joint and msg["infer"].get("is_auxiliary") and batch_frame(msg) is None:
-            raise joint_autoguide_error(type(self.guide).__name__, msg["name"], batch)
-
-
-def joint_autoguide_error(kind: str, name: str, batch: dict) -> BatchPlateError:
-    plate_name = next(iter(batch))[0]
-    return BatchPlateError(
-        f"{kind} draws every latent of the model as one vector (site '{name}'), including "
-        f"the local latents of every datum of batch_plate('{plate_name}'). A joint guide over "
-        "the data couples them (a full or low-rank covariance across data points is Problem 3 "
-        "of Pyro issue #2220), so no per-datum weight exists. Use AutoNormal (the same "
-        "Gaussian family, one independent factor per datum) or AutoDelta for the local "
-        "latents, e.g. in an AutoGuideList with a joint guide on poutine.block(model, "
-        "expose=[global sites]) for the global ones."
-    )
