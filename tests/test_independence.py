@@ -144,7 +144,7 @@ def test_comparison_with_the_batch_median_is_flagged():
     report = check_batch_independence(conjugate_model, guide, x, raise_error=False)
     assert report.coupled == {} and report.permutation_checked
     assert report.moved and not report.independent
-    with pytest.raises(BatchPlateError, match="reordered or split with the same latents"):
+    with pytest.raises(BatchPlateError, match="down to single data, with the same latents"):
         check_batch_independence(conjugate_model, guide, x)
 
 

@@ -406,6 +406,161 @@ with batch_plate("data", 10, subsample=torch.tensor([3, 99])):
     ),
 ]
 
+CASES += [
+    (
+        "A padded loop whose model finishes differently from its guide",
+        """A padded loop (`batchplate.Lanes`) runs in model and guide; the model
+replays the guide's values, so with the same done test both finish every lane
+at the same step. Here the model's loop waits one more step: where the two
+loops happen to run as many steps overall, the site names coincide, but a lane
+still running in the guide is finished in the model, and its `log q` has no
+`log p`. batchplate compares the lanes of every step.""",
+        """\
+def lanes_guide(x):
+    with batch_plate("data", len(x)):
+        lanes = batchplate.Lanes("g", max_steps=50)
+        for t in lanes:
+            lanes.finish(lanes.sample(dist.Bernoulli(0.3)) == 1)
+
+
+def lanes_model(x):
+    with batch_plate("data", len(x)):
+        lanes = batchplate.Lanes("g", max_steps=50)
+        for t in lanes:
+            flip = lanes.sample(dist.Bernoulli(0.5))
+            lanes.finish((flip == 1) & (t >= 1))  # the guide's test is flip == 1
+
+
+pyro.set_rng_seed(0)
+batchplate.log_weights(lanes_model, lanes_guide, x, num_particles=3)
+""",
+        """Use the guide's done test in the model (a function of the sampled values and
+the data only); when the loops run a different number of steps overall, the
+message names the step sites instead.""",
+    ),
+    (
+        "Data coupled without a gradient (`check_batch_independence`)",
+        """A statistic of the whole minibatch that has no gradient (a comparison with
+the median, a detached mean) escapes the autograd check. The permutation check
+runs the program again on the minibatch reordered, on each half of it and on
+single data, replaying every datum's latents with the datum: each datum's log
+weight must stay the same.""",
+        """\
+def median_guide(x):
+    with batch_plate("data", len(x)):
+        pyro.sample("w", dist.Normal(x + (x > x.median()).float(), 1.0))
+
+
+batchplate.check_batch_independence(model, median_guide, x)
+""",
+        """Compute per-datum features from the datum alone; a statistic of the dataset
+belongs outside the program (computed once, passed in as a constant).""",
+    ),
+]
+
+# Cases that need several processes: each rank runs the code (under `torchrun`, here 2
+# local gloo ranks), so test_docs.py cannot exec them: their blocks are fenced `py`.
+DISTRIBUTED_CASES = [
+    (
+        "Ranks with different objective settings (`DistributedObjective`)",
+        """Every step of `batchplate.distributed.DistributedObjective` starts with one
+exchange between the ranks, which compares the objective each rank runs (its
+class and settings: `reduction`, `num_particles`, `alpha`, `insomnia`,
+`estimator`, `vectorize_particles`, ...). Ranks that disagree would combine
+different quantities into one "global" loss; every rank raises the same error
+instead. Run with `torchrun --nproc_per_node=2 script.py`:""",
+        """\
+from batchplate.distributed import DistributedObjective, init_distributed
+
+rank, world, _ = init_distributed()
+shard = x[:2] if rank == 0 else x[2:]
+reduction = "mean" if rank == 0 else "sum"  # rank 1 was built with other settings
+DistributedObjective(Trace_ELBO(reduction=reduction)).loss(model, guide, shard)
+""",
+        """Build the same objective, with the same keyword arguments, on every rank.""",
+    ),
+    (
+        "A rank without data (`DistributedObjective`)",
+        """Every rank needs at least one datum of the minibatch. A rank whose shard is
+empty fails in its forward pass; its peers, waiting for it in the exchange,
+learn why and raise the same error (no rank takes the step, no rank waits for
+a collective timeout).""",
+        """\
+from batchplate.distributed import DistributedObjective, init_distributed
+
+rank, world, _ = init_distributed()
+shard = x if rank == 0 else x[:0]  # all 3 data on rank 0, none on rank 1
+DistributedObjective(Trace_ELBO()).loss(model, guide, shard)
+""",
+        """Shard a minibatch of at least as many data as ranks
+(`batchplate.distributed.shard_indices(B)` gives every rank one when `B` is at
+least the world size), or start fewer ranks. The same agreement covers any
+failure of one rank, in the forward or the backward pass (a NaN gradient, an
+exception): every rank raises, naming the rank and its error, and every rank's
+`.grad` stays as it was.""",
+    ),
+]
+
+
+def run_on_two_ranks(code: str) -> str:
+    """Run `code` after the set-up on 2 local gloo ranks (as `torchrun` would); return
+    rank 0's `BatchPlateError` message (every rank raises the same one)."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    script = SETUP + "\n" + code
+    wrapper = (
+        "import sys, traceback\nfrom batchplate import BatchPlateError\n"
+        f"try:\n    exec({script!r}, {{}})\nexcept BatchPlateError as e:\n"
+        "    print(f'{type(e).__name__}: {e}')\n"
+    )
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    outputs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = pathlib.Path(tmp) / "rank.py"
+        path.write_text(wrapper)
+        procs = []
+        for rank in (0, 1):
+            env = dict(
+                os.environ,
+                RANK=str(rank),
+                WORLD_SIZE="2",
+                LOCAL_RANK=str(rank),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                GLOO_SOCKET_IFNAME="lo",
+                CUDA_VISIBLE_DEVICES="",
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, str(path)], env=env, stdout=subprocess.PIPE, text=True
+                )
+            )
+        outputs = [proc.communicate(timeout=120)[0].strip() for proc in procs]
+    if not outputs[0].startswith("BatchPlateError") or outputs[0] != outputs[1]:
+        raise SystemExit(f"the ranks did not raise the same BatchPlateError: {outputs}")
+    return outputs[0]
+
+
+def section(title: str, cause: str, code: str, fix: str, msg: str, fence: str) -> str:
+    msg = "\n".join(line.rstrip() for line in msg.splitlines())
+    wrapped = "\n".join(
+        textwrap.fill(line, 88, break_long_words=False, break_on_hyphens=False)
+        if len(line) > 88
+        else line
+        for line in msg.splitlines()
+    )
+    return (
+        f"## {title}\n\n{cause}\n\n```{fence}\n# raises BatchPlateError\n{code}```\n\n"
+        f"```text\n{wrapped}\n```\n\n**Fix.** {fix}\n"
+    )
+
+
 ns = {}
 exec(SETUP, ns)
 out = [
@@ -436,17 +591,9 @@ for title, cause, code, fix in CASES:
         msg = f"{type(e).__name__}: {e}"
     else:
         raise SystemExit(f"no error for {title}")
-    msg = "\n".join(line.rstrip() for line in msg.splitlines())
-    wrapped = "\n".join(
-        textwrap.fill(line, 88, break_long_words=False, break_on_hyphens=False)
-        if len(line) > 88
-        else line
-        for line in msg.splitlines()
-    )
-    out.append(
-        f"## {title}\n\n{cause}\n\n```python\n# raises BatchPlateError\n{code}```\n\n"
-        f"```text\n{wrapped}\n```\n\n**Fix.** {fix}\n"
-    )
+    out.append(section(title, cause, code, fix, msg, "python"))
+for title, cause, code, fix in DISTRIBUTED_CASES:
+    out.append(section(title, cause, code, fix, run_on_two_ranks(code), "py"))
 out.append("""## Warnings from Pyro
 
 batchplate's objectives run Pyro's own model/guide checks first, so Pyro's
