@@ -24,7 +24,7 @@ from .errors import BatchPlateError
 
 # Set by `batchplate.autobatch` while its lanes run; a hook, not an import, so
 # the plate does not depend on autobatch. In a lane, `hook.position(plate)` is
-# `(position of the lane's datum, context marking the lane inside its plate)`
+# `(position of the lane's datum, its index, context marking the lane inside its plate)`
 # and `hook.minibatch(name, size, subsample_size, subsample)` the shared
 # `(B, indices)`; outside lanes both return `None`.
 _lane_hook: list[Any] = []
@@ -230,14 +230,20 @@ class batch_plate(plate):
         # Pyro's loop, hence the same `BatchFrame.datum`). The plate is not
         # pushed on Pyro's stack: autobatch adds its frame and scale to the
         # lane's sites itself, which is several times faster per site.
-        position, inside = lane
+        position, index, inside = lane
         if self.dim is not None:
             raise ValueError(f"cannot use plate {self.name} as both vectorized and sequential")
-        index = self.indices[position]
         self.counter = position
         self.next_context()
         with inside:
-            yield index.item() if isinstance(index, torch.Tensor) else index
+            try:
+                yield index
+            except GeneratorExit:
+                # The loop body left early (`break`, `return`): the sequential
+                # program would not have reached the later data. The hook raises
+                # once the lane has finished (an error here would be lost).
+                inside.ended_early()
+                raise
 
     def _check_not_nested(self) -> None:
         outer = next((f for f in get_plates() if isinstance(f, BatchFrame)), None)

@@ -27,26 +27,57 @@ import torch
 from greenlet import getcurrent, greenlet
 from pyro.infer.util import site_is_subsample
 from pyro.poutine.messenger import Messenger
-from pyro.poutine.runtime import _DIM_ALLOCATOR, _PYRO_STACK
 from torch.distributions import Distribution
 
 from ..errors import BatchPlateError
 from ..plate import BatchFrame, set_lane_hook
 
 
-class Lane(greenlet):
-    """One execution of the program for particle `k` and datum `b`."""
+def pyro_global_stacks() -> tuple[list, list]:
+    """Pyro's global handler stack and its plate-dim allocator's stack.
 
-    def __init__(self, phase: Any, k: int, b: int, run: Callable[[], Any]) -> None:
+    The only use of Pyro internals in batchplate's autobatch (both are private
+    to `pyro.poutine.runtime`): a lane swaps their contents when it suspends
+    and resumes, so that its handlers (inner plates, masks, scales) are its
+    own. Pyro has no public API to run several handler stacks side by side.
+    Both lists are created once by Pyro and only mutated in place.
+    """
+    from pyro.poutine.runtime import _DIM_ALLOCATOR, _PYRO_STACK
+
+    return _PYRO_STACK, _DIM_ALLOCATOR._stack
+
+
+HANDLERS, DIMS = pyro_global_stacks()
+
+
+class Lane(greenlet):
+    """One execution of the program for particle `k` and datum `b`.
+
+    `run` (greenlet's entry point) runs the phase's program with the lane's
+    keyword arguments on the phase's base handler stack.
+    """
+
+    def __init__(self, phase: Any, k: int, b: int, index: int, kwargs: dict) -> None:
         # `phase`: the `_phase.Phase` running this lane (not imported: it imports us).
-        super().__init__(run, parent=phase.scheduler)
-        self.phase, self.k, self.b = phase, k, b
+        super().__init__(parent=phase.scheduler)
+        self.phase, self.k, self.b, self.kwargs = phase, k, b, kwargs
+        self.index = index  # flat position `k * B + b` in the `[K, B]` weights
         self.plate_name: str | None = None
         self.frame: BatchFrame | None = None  # the batch plate's frame at this lane's datum
         self.plate_scale = (1, 1)  # (N, B): Pyro's subsampling scale is N / B
+        self.unit_scale = 1.0  # a site's scale without handlers of its own: 1.0 * N / B
         self.in_plate = False
+        self.broke = False  # its loop over the batch plate ended early (break, return)
         self.base_len = 0  # handlers below the lane's own: the caller's and LaneMessenger
         self.sites = 0
+
+    def run(self, *_: object) -> None:  # started by `switch(None)`
+        phase = self.phase
+        HANDLERS[:] = phase.base
+        DIMS[:] = phase.dims
+        self.base_len = len(phase.base)
+        phase.spec.program(*phase.spec.args, **self.kwargs)
+        phase.finished(self)
 
     def __enter__(self) -> Lane:  # the body of the batch plate's loop
         self.in_plate = True
@@ -55,24 +86,23 @@ class Lane(greenlet):
     def __exit__(self, *exc: object) -> None:
         self.in_plate = False
 
+    def ended_early(self) -> None:
+        """The batch plate's loop was left during this lane's datum."""
+        self.broke = True
+
     def site_scale(self, scale: Any) -> Any:
         """A site's scale with the batch plate's `N / B`, computed as Pyro's plate does."""
         size, subsample_size = self.plate_scale
         return scale * size / subsample_size
 
-    @property
-    def index(self) -> int:
-        """Flat position `k * B + b` in the `[K, B]` weights."""
-        return self.k * self.phase.B + self.b
-
     def suspend(self, request: Any) -> Any:
         """Hand `request` to the scheduler; return what it answers."""
-        mine, dims = _PYRO_STACK[:], _DIM_ALLOCATOR._stack[:]
+        mine, dims = HANDLERS[:], DIMS[:]
         try:
             return self.parent.switch(request)
         finally:  # also when the scheduler ends the lane (GreenletExit)
-            _PYRO_STACK[:] = mine
-            _DIM_ALLOCATOR._stack[:] = dims
+            HANDLERS[:] = mine
+            DIMS[:] = dims
 
     def __repr__(self) -> str:
         return f"lane(k={self.k}, b={self.b})"
@@ -115,7 +145,7 @@ class LaneMessenger(Messenger):
             # What the (unpushed) batch plate would have added, outermost frame first.
             msg["cond_indep_stack"] = (lane.frame,) + tuple(msg["cond_indep_stack"])
             msg["scale"] = lane.site_scale(msg["scale"])
-            lane.phase.check_site(lane, msg)
+            lane.phase.check_site(lane, msg["name"])
             msg["value"] = lane.suspend(msg)
         msg["done"] = msg["stop"] = True
 
@@ -178,6 +208,8 @@ class Shared:
         self.verified: set = set()  # module call signatures whose batching was checked
         self.unbatchable: set = set()
         self.validate = False  # the caller's distribution validation, for stacked distributions
+        self.index_lists: dict[int, tuple[torch.Tensor, list]] = {}
+        self.computed: dict[tuple, tuple] = {}  # `once`
 
     def subsample_indices(self, msg: dict) -> Any:
         """One minibatch per draw: the first lane's indices (or the given ones)."""
@@ -204,12 +236,68 @@ class Shared:
             return size, self.subsample[key]
         return len(subsample), subsample
 
+    def index_at(self, indices: Any, position: int) -> Any:
+        """`indices[position]` as the sequential plate yields it, from a list made
+        once per draw (indexing a tensor in every lane costs microseconds)."""
+        if not isinstance(indices, torch.Tensor):
+            return indices[position]
+        cached = self.index_lists.get(id(indices))
+        if cached is None or cached[0] is not indices:
+            cached = self.index_lists[id(indices)] = (indices, indices.tolist())
+        return cached[1][position]
+
+    def once(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
+        """`fn(*args, **kwargs)`, computed by the first lane that asks, shared by the
+        lanes that ask with the same function and the same argument objects."""
+        key = (
+            getattr(fn, "__func__", fn),
+            id(getattr(fn, "__self__", None)),
+            tuple(_identity(a) for a in args),
+            tuple((k, _identity(v)) for k, v in kwargs.items()),
+        )
+        found = self.computed.get(key)
+        if found is None:
+            # The arguments are kept with the result: their ids stay theirs.
+            found = self.computed[key] = (fn, args, kwargs, fn(*args, **kwargs))
+        return found[3]
+
     def module(self, name: str, nn_module: Any, update_module_params: bool = False) -> Any:
         key = (name, id(nn_module))
         if key not in self.modules:  # registered once, through the caller's handlers
             _PYRO_MODULE(name, nn_module, update_module_params)
             self.modules[key] = ModuleProxy(nn_module, name)
         return self.modules[key]
+
+
+def _identity(value: Any) -> Any:
+    """An argument's part of a `once` key: the object itself for tensors (hashed by
+    identity) and other hashables, its id otherwise."""
+    try:
+        hash(value)
+    except TypeError:
+        return ("id", id(value))
+    return (type(value), value)
+
+
+def once(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, computed once per autobatched draw and shared by all lanes.
+
+    Code before a program's batch plate runs once per lane under autobatch
+    (`K * B` times where the sequential program runs it `K` times): wrap an
+    expensive, deterministic computation there (a normalizing constant, a
+    table derived from parameters) in `once`, so that the lanes share one
+    value and one autograd graph. Lanes share it when they pass the same
+    function and the very same argument objects (tensors by identity, other
+    values by equality). Outside autobatch it is `fn(*args, **kwargs)`.
+
+    :param fn: a function that does not sample.
+    :param args: its positional arguments.
+    :param kwargs: its keyword arguments.
+    """
+    lane = current_lane()
+    if lane is None:
+        return fn(*args, **kwargs)
+    return lane.phase.shared.once(fn, args, kwargs)
 
 
 _PYRO_MODULE, _PYRO_SAMPLE, _PYRO_PARAM = pyro.module, pyro.sample, pyro.param
@@ -223,16 +311,18 @@ def lane_sample(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     plate's, known to the lane. Anything else takes Pyro's path, at the end of
     which `LaneMessenger` suspends the lane all the same.
     """
-    lane = current_lane()
+    lane = getcurrent()
     if (
-        lane is None
+        type(lane) is not Lane
         or args
-        or len(_PYRO_STACK) != lane.base_len
         or not lane.in_plate
-        or kwargs.keys() - {"obs", "infer"}
+        or len(HANDLERS) != lane.base_len
+        or (kwargs and not kwargs.keys() <= _FAST_KEYWORDS)
     ):
         return _PYRO_SAMPLE(name, fn, *args, **kwargs)
     obs, infer = kwargs.get("obs"), kwargs.get("infer")
+    if infer is not None and infer.get("_deterministic", False):
+        return obs
     msg = {
         "type": "sample",
         "name": name,
@@ -240,14 +330,15 @@ def lane_sample(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         "is_observed": obs is not None,
         "value": obs,
         "infer": {} if infer is None else infer,
-        "scale": lane.site_scale(1.0),
+        "scale": lane.unit_scale,
         "mask": None,
         "cond_indep_stack": (lane.frame,),
     }
-    if msg["infer"].get("_deterministic", False):
-        return obs
-    lane.phase.check_site(lane, msg)
+    lane.phase.check_site(lane, name)
     return lane.suspend(msg)
+
+
+_FAST_KEYWORDS = frozenset(("obs", "infer"))
 
 
 class installed:
@@ -268,7 +359,7 @@ class installed:
 
         def param(name: str, *args: Any, **kwargs: Any) -> Any:
             lane = current_lane()
-            if lane is not None and name in shared.params and len(_PYRO_STACK) == lane.base_len:
+            if lane is not None and name in shared.params and len(HANDLERS) == lane.base_len:
                 return shared.params[name]  # looked up once per draw (LaneMessenger)
             return _PYRO_PARAM(name, *args, **kwargs)
 
@@ -294,9 +385,12 @@ class _PlateHook:
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
 
-    def position(self, plate: Any) -> tuple[int, Lane] | None:
+    def position(self, plate: Any) -> tuple[int, Any, Lane] | None:
         lane = current_lane()
-        return None if lane is None else (lane.phase.enter_plate(lane, plate), lane)
+        if lane is None:
+            return None
+        position = lane.phase.enter_plate(lane, plate)
+        return position, self.shared.index_at(plate.indices, position), lane
 
     def minibatch(
         self, name: str, size: int, subsample_size: int | None, subsample: Any

@@ -15,12 +15,11 @@ from typing import Any
 
 import torch
 from greenlet import getcurrent
-from pyro.poutine.runtime import _DIM_ALLOCATOR, _PYRO_STACK
 
 from ..errors import BatchPlateError
 from ..plate import BatchFrame, BatchInfo
 from ..validation import GLOBAL_LATENT_HINT
-from ._lanes import Call, Lane, LaneMessenger, Shared
+from ._lanes import DIMS, HANDLERS, Call, Lane, LaneMessenger, Shared
 from ._stack import (
     as_lane_tensor,
     build,
@@ -34,6 +33,7 @@ from ._stack import (
 )
 
 Terms = list[tuple[list[int], torch.Tensor]]
+_NOTHING: dict = {}
 
 
 @dataclass
@@ -76,27 +76,26 @@ class Phase:
     names: list[tuple[list[int], list[str], torch.Tensor]] = field(default_factory=list)
     values: dict[int, dict[str, Any]] = field(default_factory=dict)
     observed: dict[int, dict[str, Any]] = field(default_factory=dict)
-    taken: dict[tuple[int, str], Lane] = field(default_factory=dict)
+    taken: dict[tuple[int, str], int] = field(default_factory=dict)  # (k, site) -> datum
     frame: BatchFrame | None = None
+    base: list = field(default_factory=list)  # every lane's handler stack when it starts
+    dims: list = field(default_factory=list)  # and its plate-dim allocator's
 
     # -- lanes -----------------------------------------------------------------
 
     def run(self) -> Phase:
         """Run every lane to its end, round by round."""
-        outer, dims = _PYRO_STACK[:], _DIM_ALLOCATOR._stack[:]
-        base = outer + [LaneMessenger(self.shared)]
-        self._base, self._dims = base, dims
+        outer, dims = HANDLERS[:], DIMS[:]
+        self.base, self.dims = outer + [LaneMessenger(self.shared)], dims
         if self.B is None:  # the first lane finds B at the batch plate and spawns the rest
             self._spawn(0, 0)
         else:
-            for k in range(self.K):
-                for b in range(self.B):
-                    self._spawn(k, b)
+            self._spawn_all()
         try:
             while self.runnable:
-                pending, i = [], 0
-                while i < len(self.runnable):  # lanes spawned in this round join it
-                    lane, answer = self.runnable[i]
+                pending, i, runnable = [], 0, self.runnable
+                while i < len(runnable):  # lanes spawned in this round join it
+                    lane, answer = runnable[i]
                     i += 1
                     request = lane.switch(answer)
                     if not lane.dead:
@@ -106,26 +105,39 @@ class Phase:
             self._end_lanes()
             raise
         finally:
-            _PYRO_STACK[:] = outer
-            _DIM_ALLOCATOR._stack[:] = dims
+            HANDLERS[:] = outer
+            DIMS[:] = dims
         self._check_lanes()
+        self.lanes = []  # lanes refer to their phase: no cycle left for the collector
         return self
 
     def _spawn(self, k: int, b: int) -> None:
         spec = self.spec
         kwargs = spec.kwargs if spec.kwargs_of is None else spec.kwargs_of(k)
-        lane: Lane
-        dims = self._dims
-
-        def main(*_: object) -> None:
-            _PYRO_STACK[:] = self._base
-            _DIM_ALLOCATOR._stack[:] = dims
-            lane.base_len = len(self._base)
-            spec.program(*spec.args, **kwargs)
-
-        lane = Lane(self, k, b, main)
+        lane = Lane(self, k, b, k * (self.B or 1) + b, kwargs)
         self.lanes.append(lane)
         self.runnable.append((lane, None))
+
+    def _spawn_all(self) -> None:
+        """Every lane but `(0, 0)`'s, which may be running (it found `B`)."""
+        spec, B, lanes, runnable = self.spec, self.B, self.lanes, self.runnable
+        for k in range(self.K):
+            kwargs = spec.kwargs if spec.kwargs_of is None else spec.kwargs_of(k)
+            for b in range(B):
+                if k or b or not lanes:
+                    lane = Lane(self, k, b, k * B + b, kwargs)
+                    lanes.append(lane)
+                    runnable.append((lane, None))
+
+    def finished(self, lane: Lane) -> None:
+        """A lane's program returned: had its batch plate's loop ended early?"""
+        if lane.broke and lane.b < self.B - 1:
+            raise BatchPlateError(
+                f"the {self.spec.role}'s loop over batch_plate('{lane.plate_name}') ended at "
+                f"datum {lane.b} of {self.B} ({lane}): the sequential program would not reach "
+                f"data {lane.b + 1} to {self.B - 1}, which would get log weight 0. Did the loop "
+                "end early (a `return` or `break` inside `for i in batch_plate(...)`)?"
+            )
 
     def _end_lanes(self) -> None:
         """End suspended lanes in their own stacks, so their `with` blocks unwind there."""
@@ -151,27 +163,25 @@ class Phase:
         lane.plate_name = plate.name
         size = plate.subsample_size
         lane.plate_scale = (plate.size, size)
+        lane.unit_scale = lane.site_scale(1.0)
         lane.frame = BatchFrame(
             name=plate.name, dim=None, size=size, counter=lane.b + 1, full_size=plate.size
         )
         if self.B is None:
             self.B = size
-            for k in range(self.K):
-                for b in range(size):
-                    if (k, b) != (0, 0):
-                        self._spawn(k, b)
+            self._spawn_all()
         elif size != self.B:
             raise BatchPlateError(
                 f"the {self.spec.role}'s batch_plate('{plate.name}') has {size} data where the "
                 f"other program's has {self.B}: model and guide disagree on the batch plate."
             )
+        self._check_frame(lane.frame)
         return lane.b
 
     # -- checks ---------------------------------------------------------------
 
-    def check_site(self, lane: Lane, msg: dict) -> None:
-        """One batch plate for all sites; site names unique within a particle."""
-        frame = lane.frame
+    def _check_frame(self, frame: BatchFrame) -> None:
+        """One batch plate for all lanes."""
         if self.frame is None:
             self.frame = frame
         elif (frame.name, frame.size, frame.full_size) != (
@@ -180,14 +190,17 @@ class Phase:
             self.frame.full_size,
         ):
             raise BatchPlateError(
-                f"{self.spec.role} site '{msg['name']}' lies in batch plate '{frame.name}' "
-                f"(size {frame.size}), other sites in '{self.frame.name}' (size "
-                f"{self.frame.size}): a program has exactly one batch plate."
+                f"the {self.spec.role} has batch plate '{frame.name}' (size {frame.size}) at "
+                f"datum {frame.datum}, '{self.frame.name}' (size {self.frame.size}) at other "
+                "data: a program has exactly one batch plate."
             )
-        other = self.taken.setdefault((lane.k, msg["name"]), lane)
-        if other is not lane:
+
+    def check_site(self, lane: Lane, name: str) -> None:
+        """Site names unique within a particle (the lane's plate was checked on entry)."""
+        other = self.taken.setdefault((lane.k, name), lane.b)
+        if other != lane.b:
             raise BatchPlateError(
-                f"{self.spec.role} site '{msg['name']}' is drawn at datum {other.b} and at datum "
+                f"{self.spec.role} site '{name}' is drawn at datum {other} and at datum "
                 f"{lane.b} of particle {lane.k}. Site names must differ per datum (e.g. "
                 "f'z_{i}' with i the index the batch plate yields). Under autobatch each lane "
                 "runs one iteration of the batch plate's loop, so counting iterations "
@@ -222,17 +235,25 @@ class Phase:
     # -- rounds ---------------------------------------------------------------
 
     def _execute(self, pending: list) -> list:
-        """Answer every suspended lane: one group per batchable kind of request."""
+        """Answer every suspended lane: one group per batchable kind of request.
+
+        Items are `(lane, request, stacked parameters, given value)`.
+        """
         groups: dict[Any, list] = {}
         for lane, request in pending:
-            if isinstance(request, Call):
+            if type(request) is Call:
                 key = ("call", id(request.module), request.attr) + call_signature(
                     request.args, request.kwargs
                 )
-                groups.setdefault(key, []).append((lane, request, None))
+                item = (lane, request, None, None)
             else:
-                key, params = self._sample_key(lane, request)
-                groups.setdefault(key, []).append((lane, request, params))
+                key, params, value = self._sample_key(lane, request)
+                item = (lane, request, params, value)
+            group = groups.get(key)
+            if group is None:
+                groups[key] = [item]
+            else:
+                group.append(item)
         answers = []
         for key, items in groups.items():
             if key[0] == "call":
@@ -241,32 +262,31 @@ class Phase:
                 outputs = [self._lane_site(item) for item in items]
             else:
                 outputs = self._sites(key, items)
-            answers.extend(zip((item[0] for item in items), outputs, strict=True))
+            answers.extend(zip([item[0] for item in items], outputs, strict=True))
         return answers
 
-    def _source(self, lane: Lane, msg: dict) -> str:
+    def _given(self, lane: Lane, msg: dict) -> tuple[str, Any]:
+        """`(source, value)`: an observation, the lane's replayed value, or a draw (`None`)."""
         if msg["is_observed"] and not self.spec.uncondition:
-            return "obs"
+            return "obs", as_lane_tensor(msg["value"])
         replay = self.spec.replay
-        if replay is not None and msg["name"] in replay.get(lane.index, ()):
-            return "replay"
-        return "draw"
+        if replay is not None:
+            value = replay.get(lane.index, _NOTHING).get(msg["name"])
+            if value is not None:
+                return "replay", value
+        return "draw", None
 
-    def _sample_key(self, lane: Lane, msg: dict) -> tuple[tuple, tuple | None]:
-        source = self._source(lane, msg)
+    def _sample_key(self, lane: Lane, msg: dict) -> tuple[tuple, tuple | None, Any]:
+        """`(group key, parameters, given value)` of a sample site."""
+        source, value = self._given(lane, msg)
         spec = dist_spec(msg["fn"])
         if spec is None:
             warn_once(f"site '{msg['name']}' ({type(msg['fn']).__name__})", "not stackable")
-            return ("lane", id(msg)), None
-        if source == "obs":
-            shape = as_lane_tensor(msg["value"]).shape
-        elif source == "replay":
-            shape = self.spec.replay[lane.index][msg["name"]].shape
-        else:
-            shape = None
+            return ("lane", id(msg)), None, value
         scale = msg["scale"]
         scaled = isinstance(scale, torch.Tensor) or scale != 1.0
-        return ("site", spec[0], source, shape, msg["mask"] is not None, scaled), spec[1]
+        shape = None if value is None else value.shape
+        return ("site", spec[0], source, shape, msg["mask"] is not None, scaled), spec[1], value
 
     # -- sample sites -----------------------------------------------------------
 
@@ -287,12 +307,9 @@ class Phase:
             value = fn.rsample() if fn.has_rsample else fn.sample()
             if self.spec.detach:
                 value = value.detach()
-            views = list(value.unbind(0))
+            views = value.unbind(0)
         else:
-            if source == "obs":
-                views = [as_lane_tensor(item[1]["value"]) for item in items]
-            else:
-                views = [self.spec.replay[lane.index][msg["name"]] for lane, msg, _ in items]
+            views = [item[3] for item in items]
             value = stack(views)
             if views[0].dim() < dims:  # an observation that broadcasts: align it on the right
                 pad = (1,) * (dims - views[0].dim())
@@ -303,13 +320,8 @@ class Phase:
 
     def _lane_site(self, item: tuple) -> Any:
         """A site that cannot be stacked, drawn and scored in its own lane."""
-        lane, msg, _ = item
-        fn, source = msg["fn"], self._source(lane, msg)
-        if source == "obs":
-            value = msg["value"]
-        elif source == "replay":
-            value = self.spec.replay[lane.index][msg["name"]]
-        else:
+        fn, value = item[1]["fn"], item[3]
+        if value is None:
             value = fn.rsample() if fn.has_rsample else fn.sample()
             if self.spec.detach:
                 value = value.detach()
@@ -320,10 +332,14 @@ class Phase:
     def _keep(self, items: list, views: list) -> None:
         """Remember the lanes' values, for the next phase's replay and the sleep's
         observations."""
-        for (lane, msg, _), view in zip(items, views, strict=True):
-            self.values.setdefault(lane.index, {})[msg["name"]] = view
+        values, observed = self.values, self.observed
+        for (lane, msg, _, _), view in zip(items, views, strict=True):
+            lane_values = values.get(lane.index)
+            if lane_values is None:
+                lane_values = values[lane.index] = {}
+            lane_values[msg["name"]] = view
             if msg["is_observed"]:
-                self.observed.setdefault(lane.index, {})[msg["name"]] = view
+                observed.setdefault(lane.index, {})[msg["name"]] = view
 
     def _record(self, items: list, log_prob: torch.Tensor, score: bool) -> None:
         """Add each lane's masked and scaled log density (summed over its inner

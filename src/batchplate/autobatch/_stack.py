@@ -74,15 +74,20 @@ def dist_spec(fn: Any) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
     if options is None:
         return None
     given = fn.__dict__
-    for names in options:
-        if all(name in given for name in names):
-            params = tuple(given[name] for name in names)
+    for names in options:  # loops, not all(): this runs once per site and lane
+        params = []
+        for name in names:
+            param = given.get(name)
+            if param is None:
+                break
+            params.append(param)
+        else:
             break
     else:
         return None
-    shapes = tuple((p.shape, p.dtype) for p in params)
+    shapes = tuple([(p.shape, p.dtype) for p in params])
     extra = getattr(fn, "has_rsample", None) if kind is dist.Unit else None
-    return (kind, names, extra, shapes), params
+    return (kind, names, extra, shapes), tuple(params)
 
 
 def build(key: tuple, params: Sequence[torch.Tensor], validate: bool) -> Any:

@@ -45,7 +45,8 @@ def _geometric_steps(b: int, k: int, padded: bool, sequential: bool) -> dict:
         steps["sequential"] = _svi(
             geometric.model_sequential, geometric.guide_sequential, loss, obs
         )
-    loss = batchplate.RenyiELBO(alpha=0, num_particles=k, autobatch=True)
+    # All K * B lanes in one run (vectorize_particles=False would run B lanes per particle).
+    loss = batchplate.RenyiELBO(alpha=0, num_particles=k, vectorize_particles=True, autobatch=True)
     steps["autobatch"] = _svi(geometric.model_sequential, geometric.guide_sequential, loss, obs)
     if padded:
         loss = batchplate.RenyiELBO(

@@ -21,6 +21,7 @@ from torch import nn
 
 import batchplate
 from batchplate import batch_plate
+from batchplate.autobatch import once
 from batchplate.examples import _common as common
 from batchplate.examples._pcfg_grammar import (
     END,
@@ -238,7 +239,8 @@ class PCFG:
         self, sentences: torch.Tensor, lengths: torch.Tensor, observations: dict | None = None
     ) -> None:
         t = tables(sentences.device)
-        log_probs, log_z, emit = self._model_terms(sentences.device)
+        # Once per draw under autobatch, not once per lane (the normalizer's graph is large).
+        log_probs, log_z, emit = once(self._model_terms, sentences.device)
         for b in batch_plate("data", len(sentences)):
             words, stack, pointer, step = sentences[b], [START], 0, 0
             while stack:
