@@ -196,6 +196,18 @@ def test_non_finite_gradient_changes_nothing():
     assert same(before, snapshot(svi))
 
 
+def test_gradient_check_is_exact():
+    """The fast check (one sum per gradient) passes finite entries whose sum overflows
+    and catches a NaN or an infinity, in any dtype."""
+    from batchplate.objectives.base import _all_finite
+
+    big = torch.full((4,), 3e38)  # finite float32 entries, sum inf
+    assert _all_finite([big, torch.ones(2, dtype=torch.float64)])
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        assert not _all_finite([torch.ones(3), torch.tensor([1.0, bad])])
+    assert not _all_finite([torch.tensor([float("inf"), -float("inf")])])  # sums to NaN
+
+
 def test_nan_alpha_is_refused_and_alpha_near_one_is_the_elbo():
     for alpha in (float("nan"), float("inf"), True):
         with pytest.raises(BatchPlateError, match="alpha must be a finite real number"):
