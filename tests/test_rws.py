@@ -363,3 +363,24 @@ def test_scale_example_learns_with_a_sequential_plate():
     assert abs(params["c"] - exact.c) < TOLERANCE["c"], params
     assert abs(params["scale"] - exact.scale) < TOLERANCE["scale"], params
     assert abs(params["guess"] - data.mean().item()) < TOLERANCE["guess"], params
+
+
+@pytest.mark.parametrize("insomnia", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_no_sample_sites_is_loss_zero_without_gradient(insomnia, vectorize):
+    """As every objective (an auxiliary loss on a batch without labels): both losses 0,
+    no gradient. (Stock Pyro 1.9's RWS fails there on a float's missing `detach`.)"""
+    net = torch.nn.Linear(1, 1)
+
+    def model(x):
+        pyro.module("net", net)
+
+    def guide(x):
+        pass
+
+    x = torch.zeros(3)
+    rws = ReweightedWakeSleep(num_particles=2, insomnia=insomnia, vectorize_particles=vectorize)
+    svi = pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 0.1}), rws)
+    assert svi.step(x) == (0.0, 0.0)
+    assert net.weight.grad is None
+    assert rws.differentiable_loss(model, guide, x).item() == 0.0

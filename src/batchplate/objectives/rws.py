@@ -9,6 +9,7 @@ import torch
 from pyro.util import warn_if_nan
 
 from ..plate import check_positive_int
+from ..validation import NoSampleSitesError
 from ..weights import LogWeights
 from .base import BatchObjective, Losses
 from .pathwise import PathWeights, check_estimator, nonreparam_log_q, through_samples, weigh_paths
@@ -102,8 +103,17 @@ class ReweightedWakeSleep(BatchObjective):
         """`wake_theta_loss` and `phi_loss` of this step, with the batch plate.
 
         The wake-theta loss only reaches model parameters and the phi loss only
-        guide parameters, so one backward pass of their sum serves both.
+        guide parameters, so one backward pass of their sum serves both. A
+        program without sample sites has both losses 0 and no gradient, as every
+        objective (stock Pyro's `ReweightedWakeSleep` fails on a float there).
         """
+        try:
+            return self._phases(model, guide, args, kwargs)
+        except NoSampleSitesError:
+            names = ("wake_theta_loss", "phi_loss")
+            return Losses(names, (torch.zeros(()), torch.zeros(())), None)
+
+    def _phases(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Losses:
         wake_theta = wake_phi = sleep_phi = None
         if self.model_has_params or self.insomnia > 0:
             weights = self._wake_weights(model, guide, args, kwargs)
