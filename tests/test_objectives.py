@@ -250,3 +250,51 @@ def test_constructor_rejects_bad_values():
         batchplate.VIMCO(num_particles=1)
     assert batchplate.RenyiELBO().num_particles == 2  # Pyro's default
     assert batchplate.RenyiELBO().alpha == 0
+
+
+def _mixture_programs():
+    """A two-component mixture whose assignment `c` the model enumerates, or (with
+    `mixture=False`) the same program without `c`."""
+
+    def model(x, mixture=True):
+        with batch_plate("data", len(x)):
+            c = 0.0
+            if mixture:
+                c = pyro.sample("c", dist.Bernoulli(0.5), infer={"enumerate": "parallel"})
+            w = pyro.sample("w", dist.Normal(4.0 * c, 1.0))
+            pyro.sample("x", dist.Normal(w, 1.0), obs=x)
+
+    def guide(x, mixture=True):
+        with batch_plate("data", len(x)):
+            pyro.sample("w", dist.Normal(x, 1.0))
+
+    return model, guide
+
+
+@pytest.mark.parametrize(
+    "cls",
+    [batchplate.Trace_ELBO, batchplate.TraceGraph_ELBO, batchplate.TraceMeanField_ELBO]
+    + [batchplate.RenyiELBO, batchplate.VIMCO, batchplate.ReweightedWakeSleep],
+)
+def test_strict_enumeration_warning_acts(cls):
+    """Pyro's meaning: `True` warns when no latent site is marked for enumeration (these
+    objectives sum model-enumerated sites exactly); once, on the first step. Off by
+    default; it cannot act under autobatch, so it raises there."""
+    model, guide = _mixture_programs()
+    x = torch.tensor([0.0, 4.0, 1.0])
+    strict = cls(num_particles=2, strict_enumeration_warning=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            strict.loss(model, guide, x, mixture=False)
+    messages = [str(w.message) for w in caught if "configured for enumeration" in str(w.message)]
+    assert len(messages) == 1 and cls.__name__ in messages[0]
+    for objective in (cls(num_particles=2, strict_enumeration_warning=True), cls(num_particles=2)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            objective.loss(model, guide, x)  # enumerated: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cls(num_particles=2).loss(model, guide, x, mixture=False)  # default: silent
+    with pytest.raises(ValueError, match="autobatch"):
+        cls(num_particles=2, strict_enumeration_warning=True, autobatch=True)

@@ -14,13 +14,14 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from pyro import poutine
 from pyro.infer.elbo import ELBO
 from pyro.poutine import Trace
+from pyro.poutine.messenger import Messenger
 
 from ..autobatch import autobatch_log_weights
 from ..draw import draw_particles, plate_nesting
@@ -84,8 +85,8 @@ class Losses:
 class BatchObjective(ELBO):
     """Base class of per-datum objectives; a drop-in for Pyro's ELBO classes.
 
-    Pyro's other ELBO keywords (`strict_enumeration_warning`,
-    `ignore_jit_warnings`, `jit_options`, `retain_graph`) are accepted.
+    Pyro's other ELBO keywords (`ignore_jit_warnings`, `jit_options`,
+    `retain_graph`, `strict_enumeration_warning`) are accepted, and act or raise.
 
     :param num_particles: `K`, particles per datum.
     :param max_plate_nesting: bound on the program's nested vectorized plates
@@ -97,6 +98,10 @@ class BatchObjective(ELBO):
         so plain SGD sees the per-datum gradient scale; `"sum"` returns
         `N/B` times their sum, an unbiased estimate of the whole-dataset sum
         (Pyro's convention for subsampled plates).
+    :param strict_enumeration_warning: `True` warns (as Pyro's
+        `TraceEnum_ELBO` does) when the first step finds no latent site marked
+        for enumeration; these objectives sum the sites the model enumerates
+        exactly in each datum. Off by default, except in `TraceEnum_ELBO`.
     :param autobatch: run a program written with a sequential batch plate
         over all its lanes (particle, datum) at once, batching sample sites and
         module calls across lanes (see `batchplate.autobatch`); same numbers as
@@ -114,7 +119,7 @@ class BatchObjective(ELBO):
         max_plate_nesting: float = math.inf,
         max_iarange_nesting: float | None = None,
         vectorize_particles: bool = False,
-        strict_enumeration_warning: bool = True,
+        strict_enumeration_warning: bool | None = None,
         ignore_jit_warnings: bool = False,
         jit_options: dict | None = None,
         retain_graph: bool | None = None,
@@ -137,6 +142,11 @@ class BatchObjective(ELBO):
                 f"{type(self).__name__} does not compile. Use its Jit variant "
                 "(batchplate.JitTrace_ELBO, ...) or drop the keyword."
             )
+        if autobatch and strict_enumeration_warning:
+            raise ValueError(
+                "strict_enumeration_warning checks the traces of a step, which autobatch=True "
+                "does not build; drop one of the two keywords"
+            )
         check_positive_int("num_particles", num_particles)
         super().__init__(
             num_particles=num_particles,
@@ -153,6 +163,7 @@ class BatchObjective(ELBO):
         self.reduction = reduction
         self.autobatch = autobatch
         self._baselines_checked: set[int] = set()
+        self._enumeration_unchecked = strict_enumeration_warning is True
 
     # -- draw, check, reduce ---------------------------------------------------
 
@@ -185,7 +196,7 @@ class BatchObjective(ELBO):
         vectorize = self.vectorize_particles and K > 1
         if vectorize and self.max_plate_nesting == math.inf:  # guessed once per objective
             self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
-        with self._unused_baseline_check(guide):
+        with self._unused_baseline_check(guide), self._enumeration_check():
             particles = draw_particles(
                 model,
                 guide,
@@ -207,6 +218,14 @@ class BatchObjective(ELBO):
             return contextlib.nullcontext()
         self._baselines_checked.add(id(guide))
         return unused_baseline_check(type(self).__name__)
+
+    def _enumeration_check(self) -> contextlib.AbstractContextManager:
+        """With `strict_enumeration_warning=True`, on the first step: warn if no site
+        is marked for enumeration (the marks belong to the program: once is enough)."""
+        if not self._enumeration_unchecked:
+            return contextlib.nullcontext()
+        self._enumeration_unchecked = False
+        return _warn_without_enumeration(type(self).__name__)
 
     def _weigh_autobatched(
         self, model, guide, args, kwargs, K, sleep, detach_guide, extra, prior, subsample
@@ -336,6 +355,30 @@ class BatchObjective(ELBO):
 
     def _get_trace(self, model, guide, args, kwargs):  # pragma: no cover - ELBO's abstract hook
         raise NotImplementedError("batchplate objectives draw particles through weigh()")
+
+
+class _EnumerationMarks(Messenger):
+    """Records whether a latent sample site asks for enumeration."""
+
+    found = False
+
+    def _pyro_sample(self, msg: dict) -> None:
+        if msg["infer"].get("enumerate") and not msg["is_observed"]:
+            self.found = True
+
+
+@contextlib.contextmanager
+def _warn_without_enumeration(objective: str) -> Iterator[None]:
+    marks = _EnumerationMarks()
+    with marks:
+        yield
+    if not marks.found:
+        warnings.warn(
+            f"{objective} found no sample sites configured for enumeration "
+            "(strict_enumeration_warning=True). Mark sites with @config_enumerate or "
+            "infer={'enumerate': 'parallel'}, or drop the keyword.",
+            stacklevel=5,
+        )
 
 
 def step_params(trace: Trace) -> dict[str, torch.Tensor]:
