@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-import weakref
 from collections.abc import Callable
 
-import pyro.ops.jit
 import torch
 from pyro.infer.util import is_validation_enabled
 
@@ -15,7 +13,7 @@ from ..contraction import dice_terms
 from ..draw import draw_particles, marked_for_enumeration, plate_nesting
 from ..weights import pair_batch
 from .base import BatchObjective, Losses
-from .jit import JitObjective, _Step
+from .jit import JitObjective
 
 
 class TraceEnum_ELBO(BatchObjective):
@@ -108,25 +106,6 @@ class TraceEnum_ELBO(BatchObjective):
                 self.strict_enumeration_warning = False  # once per objective
 
 
-class _EnumStep(_Step):
-    """A compiled `TraceEnum_ELBO` step: returns the loss and the per-datum values
-    (`[1, B]`, checked for finiteness on every call in place of the log weights)."""
-
-    def __init__(self, objective: JitObjective, model: Callable, guide: Callable) -> None:
-        owner = weakref.ref(objective)
-        self.batch = None
-
-        def step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-            losses = TraceEnum_ELBO.local_losses(owner(), model, guide, *args, **kwargs)
-            self.batch = losses.batch
-            return losses.values[0], losses.per_datum[None]
-
-        options = dict(objective.jit_options or {})
-        self.compiled = pyro.ops.jit.trace(
-            step, ignore_warnings=objective.ignore_jit_warnings, jit_options=options
-        )
-
-
 class JitTraceEnum_ELBO(JitObjective, TraceEnum_ELBO):
     """`batchplate.TraceEnum_ELBO`, compiled with `pyro.ops.jit.trace`: the same value
     and gradient on the same draws, for programs with static structure (see
@@ -139,9 +118,6 @@ class JitTraceEnum_ELBO(JitObjective, TraceEnum_ELBO):
             self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
         return super().local_losses(model, guide, *args, **kwargs)
 
-    def _compiled_step(self, model: Callable, guide: Callable) -> _Step:
-        steps = self.__dict__.setdefault("_steps", {})
-        key = (id(model), id(guide))
-        if key not in steps:
-            steps[key] = _EnumStep(self, model, guide)
-        return steps[key]
+    def checked_output(self, losses: Losses) -> torch.Tensor:
+        """The per-datum values `[1, B]`: the contraction builds no `[K, B]` log weights."""
+        return losses.per_datum[None]

@@ -62,6 +62,14 @@ class JitObjective(BatchObjective):
         self._traced_log_w = detach_provenance(weights.log_w).detach()
         return weights
 
+    def checked_output(self, losses: Losses) -> torch.Tensor:
+        """The tensor of the traced step whose finiteness every compiled call checks
+        (the `[K, B]` log weights, as the uncompiled objective checks them).
+
+        The hook for objectives whose step does not go through `weigh`.
+        """
+        return self._traced_log_w
+
     def _compiled_step(self, model: Callable, guide: Callable) -> _Step:
         steps = self.__dict__.setdefault("_steps", {})
         key = (id(model), id(guide))
@@ -79,9 +87,10 @@ class _Step:
 
         def step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
             objective = owner()
-            losses = BatchObjective.local_losses(objective, model, guide, *args, **kwargs)
+            # The uncompiled step of the objective this class compiles (next in the MRO).
+            losses = super(JitObjective, objective).local_losses(model, guide, *args, **kwargs)
             self.batch = losses.batch
-            return losses.values[0], objective._traced_log_w
+            return losses.values[0], objective.checked_output(losses)
 
         options = dict(objective.jit_options or {})
         self.compiled = pyro.ops.jit.trace(
