@@ -126,20 +126,17 @@ def check_batch_independence(
       is the minibatch size `B` (row `b` is datum `b`) or the dataset size `N`
       (row `subsample[b]` is datum `b`), and reports every datum whose weight
       has a non-zero derivative with respect to another datum's row;
-    - permutation: it runs the program again on the minibatch reordered, and on
-      each half of it, replaying every datum's latents with the datum (the rows
-      of `[B, ...]` tensor arguments, or the subsample indices, are reordered),
-      and on up to 16 data alone, and reports every datum whose log weight
-      moved. This finds coupling
-      without a gradient (`x > x.median()`, `x.mean().detach()`, the datum's
-      position). A program whose weights cannot be reproduced from its latents
-      (randomness outside sample sites, such as dropout in training mode) skips
-      it with a warning; parts of the minibatch a program cannot run on (a
-      fixed size, batch normalization on one datum) are skipped with a warning.
+    - permutation: it runs the program again on the minibatch reordered, on
+      each half and on up to 16 single data, replaying every datum's latents
+      with the datum (rows of `[B, ...]` tensor arguments, or the subsample
+      indices, are reordered), and reports every datum whose log weight moved:
+      coupling without a gradient too (`x > x.median()`, `x.mean().detach()`,
+      the position). It warns and skips what it cannot do: weights not
+      reproducible from the latents (dropout in training mode), parts of the
+      minibatch the program cannot run on (a fixed size).
 
-    It costs `B` backward passes and up to 20 forward passes (the halves, and
-    up to 16 data alone): run it once, not in the training loop. Modules are
-    used in whatever mode they are in (`train()` or `eval()`).
+    It costs `B` backward and up to 20 forward passes: run it once, not in the
+    training loop. Modules are used in whatever mode they are in.
 
     :param raise_error: raise `BatchPlateError` when data are coupled
         (default); otherwise return the report.
@@ -151,16 +148,7 @@ def check_batch_independence(
             "check_batch_independence differentiates with respect to the data, so it needs "
             "the data as floating-point tensor arguments of model and guide."
         )
-    particles = draw_particles(
-        model,
-        guide,
-        new_args,
-        new_kwargs,
-        num_particles=1,
-        vectorize_particles=False,
-        max_plate_nesting=float("inf"),
-    )
-    weights = compute_log_weights(particles)
+    weights = _one_particle(model, guide, new_args, new_kwargs)
     batch = weights.batch
 
     rows = _Rows(batch, subsample_indices(weights.pair[0], batch.name))
@@ -177,15 +165,34 @@ def check_batch_independence(
         runs = _Reruns(model, guide, args, kwargs, weights)
         report.moved, report.permutation_checked = runs.moved()
     if raise_error and not report.independent:
-        raise BatchPlateError(
-            f"Data of batch plate '{batch.name}' are coupled: a datum's log weight depends on "
-            f"other data ({', '.join(report.inputs_checked)}):\n{report}\n"
-            "Typical causes: batch normalization in training mode, attention or pooling "
-            "across the batch, or statistics of the whole minibatch in model or guide (with "
-            "or without a gradient: a detached mean, a comparison with the median). "
-            "Per-datum objectives assume each datum's weight depends on that datum only."
-        )
+        raise coupled_error(batch, report)
     return report
+
+
+def _one_particle(model: Callable, guide: Callable, args: tuple, kwargs: dict, **draw):
+    """The log weights of one particle, one trace pair (with `draw_particles` keywords)."""
+    particles = draw_particles(
+        model,
+        guide,
+        args,
+        kwargs,
+        num_particles=1,
+        vectorize_particles=False,
+        max_plate_nesting=float("inf"),
+        **draw,
+    )
+    return compute_log_weights(particles)
+
+
+def coupled_error(batch: BatchInfo, report: IndependenceReport) -> BatchPlateError:
+    return BatchPlateError(
+        f"Data of batch plate '{batch.name}' are coupled: a datum's log weight depends on "
+        f"other data ({', '.join(report.inputs_checked)}):\n{report}\n"
+        "Typical causes: batch normalization in training mode, attention or pooling "
+        "across the batch, or statistics of the whole minibatch in model or guide (with "
+        "or without a gradient: a detached mean, a comparison with the median). "
+        "Per-datum objectives assume each datum's weight depends on that datum only."
+    )
 
 
 class _Rows:
@@ -358,17 +365,7 @@ class _Reruns:
             value = self.subsample[order.to(self.subsample.device)]
             fixed.add_node(self.batch.name, type="sample", is_observed=False, value=value, infer={})
         guide = _ReplayByDatum(self.guide_trace, order)(self.guide)
-        particles = draw_particles(
-            self.model,
-            guide,
-            args,
-            kwargs,
-            num_particles=1,
-            vectorize_particles=False,
-            max_plate_nesting=float("inf"),
-            subsample=fixed,
-        )
-        return compute_log_weights(particles).log_w[0]
+        return _one_particle(self.model, guide, args, kwargs, subsample=fixed).log_w[0]
 
 
 def _far(got: torch.Tensor, want: torch.Tensor) -> torch.Tensor:
