@@ -24,11 +24,13 @@ def make_objective(
     vectorize_particles: bool = True,
     max_plate_nesting: int = 1,
     allowed: Sequence[str] = ALL,
+    autobatch: bool = False,
 ) -> batchplate.BatchObjective:
     """The batchplate objective called `name` with `K = num_particles`.
 
     The examples' only vectorized plate is the batch plate, hence
-    `max_plate_nesting=1`; `allowed` is the example's own list, named in the error.
+    `max_plate_nesting=1`; `allowed` is the example's own list, named in the error;
+    `autobatch` runs a sequential program's lanes batched.
     """
     if name not in allowed:
         raise ValueError(f"unknown objective {name!r}; choose one of {', '.join(allowed)}")
@@ -36,6 +38,7 @@ def make_objective(
         "num_particles": num_particles,
         "vectorize_particles": vectorize_particles,
         "max_plate_nesting": max_plate_nesting,
+        "autobatch": autobatch,
     }
     if name == "elbo":
         return batchplate.Trace_ELBO(**kw)

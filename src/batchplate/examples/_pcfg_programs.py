@@ -37,7 +37,8 @@ from batchplate.examples._pcfg_grammar import (
 )
 from batchplate.padded import Lanes, LaneStack
 
-FORMS = ("padded", "sequential")
+#: `"autobatch"` runs the sequential programs with `autobatch=True`.
+FORMS = ("padded", "sequential", "autobatch")
 
 #: The fixed bias against infeasible productions (a binary production without room
 #: for its shortest yield, a terminal that ends the derivation early).

@@ -29,6 +29,9 @@ Two forms of the same program:
 - `"padded"`: one loop over all lanes (particles x data) with `Lanes`,
   finished lanes masked; a vectorized batch plate and
   `vectorize_particles=True`. Sites `f"g_{t}"` and `"obs"`.
+- `"autobatch"`: the sequential program, run by the objective with
+  `autobatch=True` and `vectorize_particles=True`: all `K * B` recursions at
+  once, each round of flips one tensor operation (`batchplate.autobatch`).
 
 On the same flips both give the same per-datum log weights (tested in
 `tests/test_padded.py`); the padded form is orders of magnitude faster
@@ -61,7 +64,7 @@ from batchplate.padded import Lanes
 
 NAME = "geometric"
 OBJECTIVES = ("rws", "iwae", "vimco", "elbo")
-FORMS = ("padded", "sequential")
+FORMS = ("padded", "sequential", "autobatch")
 #: `"unamortized"`: one logit for all data; `"amortized"`: logits that depend on the datum.
 GUIDES = ("unamortized", "amortized")
 MATCH = 0.99  # p(obs = 1 | G == o)
@@ -71,7 +74,8 @@ MATCH = 0.99  # p(obs = 1 | G == o)
 class Options(runner.Options):
     """The keywords of `run()`: the shared ones, then this example's.
 
-    :param form: `"padded"` or `"sequential"`.
+    :param form: `"padded"`, `"sequential"` or `"autobatch"` (the sequential
+        program with `autobatch=True`).
     :param guide: one of `GUIDES`.
     :param p_true: success probability of the data's geometric distribution.
     :param dataset_size: number of counts in the training set.
@@ -203,7 +207,7 @@ def program(form: str, guide: str = "unamortized") -> tuple[Callable, Callable]:
     data) or `"amortized"` (`amortized_logits`, conditioned on the datum)."""
     common.check_choice("form", form, FORMS)
     common.check_choice("guide", guide, GUIDES)
-    return PROGRAMS[form, guide]
+    return PROGRAMS["sequential" if form == "autobatch" else form, guide]
 
 
 # -- exact values ---------------------------------------------------------------------
@@ -237,9 +241,14 @@ def sample_data(n: int, p: float, seed: int = 0) -> torch.Tensor:
 
 
 def make_objective(name: str, num_particles: int, form: str) -> batchplate.BatchObjective:
-    """The batchplate objective called `name`; particles vectorized for the padded form."""
+    """The batchplate objective called `name`; particles vectorized for the padded
+    and autobatch forms (for the latter: all `K * B` lanes in one run)."""
     return common.make_objective(
-        name, num_particles, vectorize_particles=form == "padded", allowed=OBJECTIVES
+        name,
+        num_particles,
+        vectorize_particles=form != "sequential",
+        allowed=OBJECTIVES,
+        autobatch=form == "autobatch",
     )
 
 

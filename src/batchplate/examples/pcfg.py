@@ -37,7 +37,9 @@ with a sequential `batch_plate` (`vectorize_particles=False`); sites
 `f"{b}_r_{t}"` (production), `f"{b}_emit_{t}"`, `f"{b}_end"`, `f"{b}_trunc"`.
 `"padded"`: all lanes at once with `Lanes` and `LaneStack` (a stack per lane),
 finished lanes masked; sites `r_{t}`, `r_emit_{t}`, `r_end_{t}`, `trunc`. On
-the same productions both give the same per-datum log weights.
+the same productions both give the same per-datum log weights. `"autobatch"`:
+the sequential programs run with `autobatch=True` (all `K * B` derivations at
+once, productions and the guide's GRU steps batched per round).
 
 Trained with `ReweightedWakeSleep` (wake-wake) at batch size > 1 (`"vimco"`
 runs too). Tracked: the mean total-variation distance between learned and true
@@ -114,7 +116,8 @@ class Options(runner.Options):
 
     :param lr_final: Adam's learning rate at the last step (decaying
         geometrically from `lr`; constant when None).
-    :param form: `"padded"` or `"sequential"`.
+    :param form: `"padded"`, `"sequential"` or `"autobatch"` (the sequential
+        programs with `autobatch=True`).
     :param dataset_size: number of training sentences.
     :param max_words: longest sentence.
     :param eps: the channel's probability of a wrong token.
@@ -143,9 +146,14 @@ DEFAULTS = runner.defaults(Options)
 
 
 def make_objective(name: str, num_particles: int, form: str) -> batchplate.BatchObjective:
-    """The batchplate objective called `name`; particles vectorized for the padded form."""
+    """The batchplate objective called `name`; particles vectorized for the padded
+    and autobatch forms (for the latter: all `K * B` lanes in one run)."""
     return common.make_objective(
-        name, num_particles, vectorize_particles=form == "padded", allowed=OBJECTIVES
+        name,
+        num_particles,
+        vectorize_particles=form != "sequential",
+        allowed=OBJECTIVES,
+        autobatch=form == "autobatch",
     )
 
 
