@@ -41,7 +41,7 @@ def main(quick: bool = False) -> list[dict]:
     pyro.clear_param_store()
     torch.manual_seed(0)
     train, _ = vae_example.load_data()
-    rounds, per_round = (5, 2) if quick else (15, 10)
+    rounds, per_round = (5, 2) if quick else (11, 3)
     steps = {}
     for name in ("iwae", "rws"):
         for estimator in ("standard", "dreg"):
