@@ -185,3 +185,45 @@ def test_prior_depending_on_a_model_enumerated_site_keeps_its_monte_carlo_term()
         ours = batchplate.TraceMeanField_ELBO(**options).loss(model, guide, X)
         pyro.set_rng_seed(0)
         assert ours == pytest.approx(batchplate.Trace_ELBO(**options).loss(model, guide, X))
+
+
+def global_programs(plate):
+    """A global scale `mu` (Gamma prior, LogNormal guide: no registered KL, so stock takes
+    its Monte Carlo term too) and a local `w` with an analytic KL."""
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Gamma(2.0, 2.0))
+        with plate("data", len(x)):
+            w = pyro.sample("w", dist.Normal(0.0, 1.0))
+            pyro.sample("x", dist.Normal(w * mu, 1.0), obs=x)
+
+    def guide(x):
+        m = pyro.param("m", torch.tensor(0.2))
+        c = pyro.param("c", torch.tensor(0.5))
+        pyro.sample("mu", dist.LogNormal(m, 0.5))
+        with plate("data", len(x)):
+            pyro.sample("w", dist.Normal(c * x, 1.0))
+
+    return model, guide
+
+
+@pytest.mark.parametrize("name", ["TraceMeanField_ELBO", "TraceGraph_ELBO"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_global_latent_enters_once(name, reduction):
+    """As `Trace_ELBO`: `"sum"` is stock's value and gradient on the same draws
+    (`G + sum_b L_b`), `"mean"` that divided by `N`."""
+    results = []
+    for objective, plate in (
+        (getattr(batchplate, name)(reduction=reduction), batch_plate),
+        (getattr(pyro.infer, name)(), pyro.plate),
+    ):
+        pyro.clear_param_store()
+        model, guide = global_programs(plate)
+        pyro.set_rng_seed(5)
+        loss = objective.loss_and_grads(model, guide, X)
+        results.append((loss, [pyro.param(n).unconstrained().grad for n in ("m", "c")]))
+    (ours, ours_grads), (stock, stock_grads) = results
+    factor = len(X) if reduction == "mean" else 1
+    assert ours * factor == pytest.approx(stock, rel=1e-5)
+    for a, b in zip(ours_grads, stock_grads, strict=True):
+        assert torch.allclose(a * factor, b, rtol=1e-4, atol=1e-6)

@@ -217,3 +217,20 @@ def test_sequential_cross_datum_dependence_raises():
 
     with pytest.raises(BatchPlateError, match="the data are coupled"):
         batchplate.TraceGraph_ELBO().loss_and_grads(model, guide, X)
+
+
+def test_score_function_global_latent_is_refused():
+    """Its cost spans every datum, which TraceGraph_ELBO's per-datum costs cannot hold."""
+
+    def model(x):
+        s = pyro.sample("s", dist.Bernoulli(0.5))
+        with batch_plate("data", len(x)):
+            pyro.sample("x", dist.Normal(s, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("s", dist.Bernoulli(0.3))
+
+    with pytest.raises(
+        BatchPlateError, match=r"\['s'\] lie outside the batch plate and are not reparameterized"
+    ):
+        batchplate.TraceGraph_ELBO().loss(model, guide, X)

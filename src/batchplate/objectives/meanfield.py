@@ -12,7 +12,7 @@ from torch.distributions import kl_divergence
 
 from ..contraction import model_enumerated
 from ..draw import Pair
-from ..plate import BatchInfo
+from ..plate import BatchInfo, batch_frame
 from ..weights import LogWeights, density_sites, is_reparameterized, reduce_sites, site_log_prob
 from .base import BatchObjective
 
@@ -40,10 +40,14 @@ class TraceMeanField_ELBO(BatchObjective):
     when model and guide draw their sites in different orders (see
     `check_site_order`). A latent whose prior depends on a site enumerated in
     the model keeps its Monte Carlo term, summed exactly over the enumerated
-    values. Every guide site must be reparameterized: a non-reparameterized one raises
+    values. Sites outside the batch plate (global latents, MAP sites) enter
+    once, as the term `G` of `batchplate.Trace_ELBO`, with their Monte Carlo
+    term. Every guide site must be reparameterized: a non-reparameterized one raises
     `NotImplementedError`, whatever Pyro's validation setting (it would get no
     score-function term, a silently biased gradient).
     """
+
+    global_latents_allowed = True  # a sum over sites, as the ELBO: G enters once
 
     def weigh(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, **options):
         options.setdefault("extra", kl_correction)
@@ -75,8 +79,8 @@ def kl_correction(pair: Pair, batch: BatchInfo, K: int) -> torch.Tensor:
                 "reparameterized. Use batchplate.TraceGraph_ELBO or batchplate.Trace_ELBO."
             )
         model_site = model_trace.nodes[guide_site["name"]]
-        if _depends_on(model_site["log_prob"], enum_dims):
-            continue
+        if batch_frame(guide_site) is None or _depends_on(model_site["log_prob"], enum_dims):
+            continue  # a global latent's Monte Carlo term is in G, outside the [K, B] terms
         try:
             kl = kl_divergence(guide_site["fn"], model_site["fn"])
         except NotImplementedError:

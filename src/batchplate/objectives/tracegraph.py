@@ -57,6 +57,9 @@ class TraceGraph_ELBO(BatchObjective):
     """
 
     uses_baselines = True
+    # Reparameterized global latents enter once, as the term G of Trace_ELBO; a
+    # score-function one is refused in graph_surrogate.
+    global_latents_allowed = True
 
     def weigh(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, **options):
         options.setdefault("extra", graph_surrogate)
@@ -81,6 +84,14 @@ def graph_surrogate(pair: Pair, batch: BatchInfo, K: int) -> torch.Tensor:
     """
     model_trace, guide_trace = pair
     sites = [s for s in density_sites(guide_trace) if not is_reparameterized(s)]
+    outside = [s["name"] for s in sites if batch_frame(s) is None]
+    if outside:
+        raise BatchPlateError(
+            f"guide sites {outside} lie outside the batch plate and are not reparameterized: "
+            "TraceGraph_ELBO keeps each score-function cost within its datum, and a global "
+            "draw's cost spans every datum. Use batchplate.Trace_ELBO (a score term for "
+            "global latents), a reparameterized distribution, or a point mass (MAP)."
+        )
     if not sites:
         any_site = (density_sites(model_trace) or density_sites(guide_trace))[0]
         return detach_provenance(any_site["log_prob"]).new_zeros(K, batch.size)
