@@ -150,7 +150,8 @@ def test_auto_guide_list_joint_part_is_checked():
 
 def test_auto_delta_under_every_objective():
     """MAP for every latent: point masses, so the importance-weighted objectives and
-    `log_evidence` accept the global `mu` too; with K particles all weights agree."""
+    `log_evidence` accept the global `mu` too (not reweighted wake-sleep); with K
+    particles all weights agree."""
     pyro.clear_param_store()
     guide = AutoDelta(model)
     for objective in (
@@ -158,8 +159,10 @@ def test_auto_delta_under_every_objective():
         batchplate.TraceMeanField_ELBO(),
         batchplate.RenyiELBO(num_particles=2),
         batchplate.VIMCO(2),
-        batchplate.ReweightedWakeSleep(num_particles=2),
     ):
         assert all(torch.isfinite(torch.tensor(objective.loss(model, guide, X))).reshape(-1))
+    # RWS detaches the guide's draws: the MAP `mu` would never learn, so it is refused.
+    with pytest.raises(BatchPlateError, match="outside the batch plate"):
+        batchplate.ReweightedWakeSleep(num_particles=2).loss(model, guide, X)
     log_w = batchplate.log_weights(model, guide, X, num_particles=3)
     assert torch.allclose(log_w, log_w[:1].expand(3, -1))

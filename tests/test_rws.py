@@ -16,7 +16,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from batchplate import ReweightedWakeSleep, batch_plate
+from batchplate import BatchPlateError, ReweightedWakeSleep, batch_plate
 from batchplate.examples import scale
 from programs import Conjugate
 
@@ -384,3 +384,21 @@ def test_no_sample_sites_is_loss_zero_without_gradient(insomnia, vectorize):
     assert svi.step(x) == (0.0, 0.0)
     assert net.weight.grad is None
     assert rws.differentiable_loss(model, guide, x).item() == 0.0
+
+
+def test_sites_outside_the_batch_plate_are_refused():
+    """The phases detach the guide's draws: a MAP site would never learn, and a global
+    term would be left out of the losses (it was, silently). Refused, naming the fix."""
+
+    def model(x):
+        mu = pyro.sample("mu", dist.Normal(0.0, 1.0))
+        with batch_plate("data", len(x)):
+            pyro.sample("x", dist.Normal(mu, 1.0), obs=x)
+
+    def guide(x):
+        pyro.sample("mu", dist.Delta(pyro.param("m", torch.tensor(0.5))))
+
+    for insomnia in (1.0, 0.0):
+        rws = ReweightedWakeSleep(num_particles=2, insomnia=insomnia)
+        with pytest.raises(BatchPlateError, match="outside the batch plate.*pyro.param"):
+            rws.loss(model, guide, torch.zeros(3))

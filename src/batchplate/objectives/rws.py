@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from pyro.util import warn_if_nan
 
+from ..errors import BatchPlateError
 from ..plate import check_positive_int
 from ..validation import NoSampleSitesError
 from ..weights import LogWeights
@@ -116,12 +117,14 @@ class ReweightedWakeSleep(BatchObjective):
     def _phases(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Losses:
         wake_theta = wake_phi = sleep_phi = None
         if self.model_has_params or self.insomnia > 0:
-            weights = self._wake_weights(model, guide, args, kwargs)
+            weights = _local_only(self._wake_weights(model, guide, args, kwargs))
             wake_theta, wake_phi = self._wake(weights, (model, guide, args, kwargs))
             batch = weights.batch
         if self.insomnia < 1:
             S = self.num_sleep_particles
-            weights = self.weigh(model, guide, args, kwargs, num_particles=S, sleep=True)
+            weights = _local_only(
+                self.weigh(model, guide, args, kwargs, num_particles=S, sleep=True)
+            )
             sleep_phi = -self.reduce(weights.log_q.mean(0), weights.batch)
             warn_if_nan(sleep_phi, "sleep phi loss")
             if wake_theta is not None and weights.batch != batch:
@@ -217,6 +220,23 @@ _REFUSED = {
         "stick to (the draws are detached); estimator='dreg' is its reparameterized form"
     )
 }
+
+
+def _local_only(weights: LogWeights) -> LogWeights:
+    """`weights`, refused if the program has sample sites outside the batch plate.
+
+    The phases detach the guide's draws, so a global point-mass (MAP) site would get
+    no gradient from the model, and the wake-theta and sleep losses have no term
+    for a site shared by all data: a global site would be silently ignored.
+    """
+    if weights.global_log_w is not None:
+        raise BatchPlateError(
+            "ReweightedWakeSleep found sample sites outside the batch plate. Its phases "
+            "detach the guide's draws, so a global point-mass (MAP) site would never learn "
+            "and a global term would be left out of its losses. Make a global point "
+            "estimate a pyro.param in the model, or use batchplate.RenyiELBO / Trace_ELBO."
+        )
+    return weights
 
 
 def check_defensive(defensive: float, estimator: str, insomnia: float) -> float:
