@@ -106,7 +106,7 @@ def stack(values: Sequence[torch.Tensor]) -> torch.Tensor:
     first = values[0]
     for v in values:
         if v is not first:
-            return torch.stack(list(values))
+            return torch.stack(values)
     return first.expand((len(values),) + first.shape)
 
 
@@ -119,12 +119,13 @@ def as_lane_tensor(value: Any) -> torch.Tensor:
 
 def call_signature(args: tuple, kwargs: dict) -> tuple:
     """What must agree for calls to stack: tensor shapes and dtypes, other values."""
-    return tuple(_arg_key(a) for a in args), tuple((k, _arg_key(v)) for k, v in kwargs.items())
+    keys = tuple([_arg_key(a) for a in args])
+    return (keys, tuple([(k, _arg_key(v)) for k, v in kwargs.items()])) if kwargs else (keys,)
 
 
 def _arg_key(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
-        return ("tensor", value.shape, value.dtype, value.device)
+        return (value.shape, value.dtype, value.device)
     try:
         hash(value)
     except TypeError:
@@ -165,9 +166,13 @@ def split(output: Any, n: int) -> list:
         if output.dim() == 0 or output.shape[0] != n:
             raise ValueError(f"batched output of shape {tuple(output.shape)} has no lane dim")
         return list(output.unbind(0))
-    if isinstance(output, tuple | list):
-        parts = [split(o, n) for o in output]
-        return [type(output)(p[i] for p in parts) for i in range(n)]
+    if isinstance(output, tuple | list) and len(output) > 0:
+        lanes = zip(*[split(o, n) for o in output], strict=True)
+        if type(output) is tuple:
+            return list(lanes)
+        if isinstance(output, tuple):  # a namedtuple
+            return [type(output)(*lane) for lane in lanes]
+        return [type(output)(lane) for lane in lanes]
     raise ValueError(f"cannot split a batched output of type {type(output).__name__}")
 
 

@@ -7,9 +7,12 @@ backward and the Adam update, the methods interleaved in one process
 - geometric (Pyro issue #2220), IWAE (`RenyiELBO(alpha=0)`): the sequential
   program one trace per particle, the same program with `autobatch=True`,
   and the hand-written padded form;
-- PCFG with its GRU guide, reweighted wake-sleep: sequential vs autobatch;
+- PCFG with its GRU guide, reweighted wake-sleep: sequential, autobatch and
+  the hand-written padded form;
 - how the autobatched geometric step grows with the number of lanes `B * K`
-  (64 to 4096).
+  (64 to 4096);
+- the floor: the geometric program's own Python (`_floor_step`), which any
+  execution that runs each lane's Python pays.
 
 Not a test: `batchplate bench --only autobatch [--quick]`.
 """
@@ -56,6 +59,35 @@ def _geometric_steps(b: int, k: int, padded: bool, sequential: bool) -> dict:
     return steps
 
 
+def _floor_step(b: int, k: int) -> Callable[[int], object]:
+    """The geometric program's own Python, the floor of any lane-by-lane execution.
+
+    Guide and model run `k` times over the `b` data with `pyro.sample` replaced
+    by a function that returns the observation or the next of a list of fair
+    coin flips: no handler, no tensor operation per site, no backward, only
+    the program (its recursion, its `Bernoulli` objects, its batch plate).
+    """
+    obs = geometric.sample_data(b, 0.3, seed=0)
+    coins = torch.rand(200_000, generator=torch.Generator().manual_seed(0)) < 0.5
+    flips = coins.float().unbind(0)
+
+    def step(i: int) -> None:
+        draws = iter(flips)
+
+        def sample(name: str, fn: object, *args: object, obs: object = None, **kw: object):
+            return obs if obs is not None else next(draws)
+
+        real, pyro.sample = pyro.sample, sample
+        try:
+            for _ in range(k):
+                geometric.guide_sequential(obs)
+                geometric.model_sequential(obs)
+        finally:
+            pyro.sample = real
+
+    return step
+
+
 def _pcfg_steps() -> dict:
     grammar = PCFG(max_words=12)
     sentences, lengths = pcfg.pad(pcfg.sample_sentences(B, 12, seed=0), 12)
@@ -66,6 +98,10 @@ def _pcfg_steps() -> dict:
         )
         args = (sentences, lengths)
         steps[name] = _svi(grammar.model_sequential, grammar.guide_sequential, loss, *args)
+    loss = batchplate.ReweightedWakeSleep(
+        num_particles=K, vectorize_particles=True, max_plate_nesting=1
+    )
+    steps["padded"] = _svi(grammar.model_padded, grammar.guide_padded, loss, sentences, lengths)
     return steps
 
 
@@ -84,7 +120,9 @@ def main(quick: bool = False) -> list[dict]:
     torch.set_num_threads(1)
     pyro.clear_param_store()
     rounds = 2 if quick else 5
-    rows = _rows("geometric", timing.interleaved(_geometric_steps(B, K, True, True), rounds))
+    steps = _geometric_steps(B, K, True, True)
+    steps["floor"] = _floor_step(B, K)
+    rows = _rows("geometric", timing.interleaved(steps, rounds))
     pyro.clear_param_store()
     rows += _rows("pcfg", timing.interleaved(_pcfg_steps(), 1 if quick else 3))
     for lanes in (64, 256, 1024, 4096):
@@ -96,7 +134,7 @@ def main(quick: bool = False) -> list[dict]:
         rows.append({"program": f"geometric B*K={lanes}", "method": "autobatch", "ms_per_step": ms})
     for row in rows:
         extra = (
-            f"  sequential-or-padded / autobatch = {row['x_autobatch']:.2f}"
+            f"  {row['method']} / autobatch = {row['x_autobatch']:.2f}"
             if "x_autobatch" in row
             else ""
         )
