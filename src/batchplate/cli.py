@@ -86,7 +86,7 @@ def load_example(name: str) -> ModuleType:
 def _add_run(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "run",
-        help="train one example (scale, geometric, gmm, pcfg, vae) and plot its curves",
+        help="train one example (scale, geometric, gmm, pcfg, vae, ssvae, dmm) and plot its curves",
         description=(
             "Train the example batchplate.examples.EXAMPLE with a progress bar, save its "
             "plots to --out and print the summary metrics. Options not given come from the "

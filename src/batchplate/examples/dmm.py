@@ -173,7 +173,8 @@ class Combiner(nn.Module):
 
 class DMM(nn.Module):
     """The networks; `model` and `guide` are below, as functions of a `DMM`.
-    `plate` is the plate over the sequences (`batch_plate` or `pyro.plate`)."""
+    `plate` is the plate over the sequences (`batch_plate` or `pyro.plate`);
+    `name` the networks' name in Pyro's parameter store."""
 
     def __init__(
         self,
@@ -182,9 +183,10 @@ class DMM(nn.Module):
         hidden: int = 32,
         num_iafs: int = 0,
         plate: Callable = batch_plate,
+        name: str = "dmm",
     ) -> None:
         super().__init__()
-        self.plate = plate
+        self.plate, self.name = plate, name
         self.emitter = Emitter(input_dim, z_dim, hidden)
         self.trans = GatedTransition(z_dim, hidden)
         self.combiner = Combiner(z_dim, hidden)
@@ -206,7 +208,7 @@ def model(
     annealing_factor: float = 1.0,
 ) -> None:
     """`p(x_{1:T}, z_{1:T})` of every sequence in the minibatch, one datum each."""
-    pyro.module("dmm", dmm)
+    pyro.module(dmm.name, dmm)
     z_prev = dmm.z_0.expand(batch.shape[0], -1)
     with dmm.plate("sequences", batch.shape[0]):
         for t in pyro.markov(range(1, batch.shape[1] + 1)):
@@ -229,7 +231,7 @@ def guide(
     annealing_factor: float = 1.0,
 ) -> None:
     """`q(z_{1:T} | x_{1:T})`: an RNN read backwards, so `z_t` sees `x_{t:T}`."""
-    pyro.module("dmm", dmm)
+    pyro.module(dmm.name, dmm)
     h_0 = dmm.h_0.expand(1, batch.shape[0], -1).contiguous()
     rnn_output, _ = dmm.rnn(reversed_batch, h_0)
     rnn_output = reverse_sequences(rnn_output, lengths)
