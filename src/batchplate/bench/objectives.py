@@ -11,7 +11,11 @@ over rounds of batchplate / stock). Programs:
   variants;
 - `discrete`: a per-datum Bernoulli latent with an `nn_baseline` and a
   Gaussian latent downstream of it, B = 128, under `TraceGraph_ELBO` and
-  `JitTraceGraph_ELBO` (score function, provenance tracking and baselines).
+  `JitTraceGraph_ELBO` (score function, provenance tracking and baselines);
+- `ssvae`: the semi-supervised VAE M2 of `batchplate.examples.ssvae` at
+  MNIST-like sizes (784 -> 400 -> 20), an unlabelled batch of B = 128, the
+  label `y` enumerated in the guide (10 values), under `TraceEnum_ELBO` and
+  `JitTraceEnum_ELBO`.
 
 Not a test. Run `batchplate bench --only objectives` (`--quick` for a rough check).
 """
@@ -25,10 +29,12 @@ import pyro
 import pyro.distributions as dist
 import pyro.infer
 import torch
+from pyro.infer import config_enumerate
 from torch import nn
 
 import batchplate
 from batchplate import batch_plate
+from batchplate.examples import ssvae
 
 from . import timing
 from .iwae_vae import X_DIM, Z_DIM, networks, pyro_programs
@@ -42,6 +48,8 @@ ROWS = (
     ("JitTraceMeanField_ELBO", "vae", batchplate.JitTraceMeanField_ELBO, None),
     ("TraceGraph_ELBO", "discrete", batchplate.TraceGraph_ELBO, pyro.infer.TraceGraph_ELBO),
     ("JitTraceGraph_ELBO", "discrete", batchplate.JitTraceGraph_ELBO, None),
+    ("TraceEnum_ELBO", "ssvae", batchplate.TraceEnum_ELBO, pyro.infer.TraceEnum_ELBO),
+    ("JitTraceEnum_ELBO", "ssvae", batchplate.JitTraceEnum_ELBO, pyro.infer.JitTraceEnum_ELBO),
 )
 
 
@@ -67,9 +75,17 @@ def discrete_programs(prefix: str, plate) -> tuple[Callable, Callable]:
     return model, guide
 
 
+def ssvae_programs(prefix: str, plate) -> tuple[Callable, Callable]:
+    torch.manual_seed(0)
+    net = ssvae.SSVAE(Z_DIM, 400, plate=plate, x_dim=X_DIM, name=f"{prefix}ss_vae")
+    return net.model, config_enumerate(net.guide, "parallel", expand=False)
+
+
 def step(objective, program: str, prefix: str, plate) -> Callable:
     if program == "vae":
         model, guide = pyro_programs(*networks((X_DIM, 400, Z_DIM), 0), prefix, plate)
+    elif program == "ssvae":
+        model, guide = ssvae_programs(prefix, plate)
     else:
         model, guide = discrete_programs(prefix, plate)
     return pyro.infer.SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), objective).step
