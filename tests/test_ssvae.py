@@ -91,3 +91,15 @@ def test_run_trains_and_writes_metrics(tmp_path):
     saved = json.loads((tmp_path / "ssvae-enum-metrics.json").read_text())
     assert saved["test_accuracy"] == metrics["test_accuracy"]
     assert (tmp_path / "ssvae-enum.png").exists()
+
+
+def test_compiled_objective_equals_stock_over_B():
+    """`JitTraceEnum_ELBO` on an unlabelled batch: stock `JitTraceEnum_ELBO` / B on the
+    same draws (a compiled step draws its noise differently from an uncompiled one,
+    stock's as ours, so the counterpart is stock's compiled objective)."""
+    xs = DATA["x_train"][70 : 70 + B]
+    kw = {"max_plate_nesting": 1, "ignore_jit_warnings": True}
+    stock = loss_and_grads(pi.JitTraceEnum_ELBO(**kw), *programs(pyro.plate), xs)
+    jit = batchplate.JitTraceEnum_ELBO(**kw)
+    ours = loss_and_grads(jit, *programs(batch_plate), xs)
+    assert_stock_over(B, stock, ours)
