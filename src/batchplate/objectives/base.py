@@ -24,7 +24,7 @@ from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
 from ..autobatch import autobatch_log_weights
-from ..draw import draw_particles, plate_nesting
+from ..draw import Pair, draw_particles, plate_nesting
 from ..plate import BatchInfo, check_positive_int
 from ..validation import (
     NoSampleSitesError,
@@ -210,7 +210,12 @@ class BatchObjective(ELBO):
                 detach_guide=detach_guide,
                 subsample=subsample,
             )
+            particles.pairs = map(self.prepare, particles.pairs)  # lazily, pair by pair
             return compute_log_weights(particles, extra)
+
+    def prepare(self, pair: Pair) -> Pair:
+        """A drawn, checked trace pair, before it is reduced: a hook (identity here)."""
+        return pair
 
     def _unused_baseline_check(self, guide: Callable) -> contextlib.AbstractContextManager:
         """On a guide's first step, warn about baseline specs this objective ignores."""

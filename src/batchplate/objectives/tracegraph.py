@@ -23,6 +23,10 @@ from ..weights import (
 from .base import BatchObjective
 from .baseline import baseline
 
+#: The trace-node key where `TraceGraph_ELBO.prepare` keeps the names of the
+#: non-reparameterized guide sites a log density depends on (its provenance).
+PROVENANCE = "_batchplate_provenance"
+
 
 class TraceGraph_ELBO(BatchObjective):
     r"""Per-datum ELBO with downstream-cost Rao-Blackwellization and baselines;
@@ -66,6 +70,19 @@ class TraceGraph_ELBO(BatchObjective):
         # Outermost, as in Pyro: its hook tags a sampled value before the trace copies it.
         with TrackNonReparam():
             return super().weigh(model, guide, args, kwargs, **options)
+
+    def prepare(self, pair: Pair) -> Pair:
+        """Unwrap the provenance of every site's log densities once, keeping it aside
+        for `downstream_costs`: the reductions then run on plain tensors (each op on a
+        provenance tensor walks its arguments in Python)."""
+        for trace in pair:
+            for site in density_sites(trace):
+                for key in ("log_prob", "unscaled_log_prob"):
+                    value, provenance = extract_provenance(site[key])
+                    site[key] = value
+                    if key == "log_prob":
+                        site[PROVENANCE] = provenance  # this trace node's own dict
+        return pair
 
     def per_datum(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         log_w = detach_provenance(weights.log_w)
@@ -119,7 +136,7 @@ def downstream_costs(pair: Pair, batch: BatchInfo) -> dict[str, MultiFrameTensor
     costs: dict[str, MultiFrameTensor] = {}
     for sign, trace in zip((1.0, -1.0), pair, strict=True):
         for site in density_sites(trace):
-            log_prob, provenance = extract_provenance(site_log_prob(site, batch))
+            log_prob, provenance = site_log_prob(site, batch), site[PROVENANCE]
             if not provenance:
                 continue
             term = sign * log_prob.detach()
