@@ -55,11 +55,13 @@ def loss_and_grads(net: dmm.DMM, objective, plate, *args, seed: int = 4) -> tupl
 
 @pytest.mark.parametrize("num_iafs", [0, 1])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_elbo_equals_stock_over_B_on_same_draws(num_iafs, reduction):
+@pytest.mark.parametrize("particles", [{}, {"num_particles": 3, "vectorize_particles": True}])
+def test_elbo_equals_stock_over_B_on_same_draws(num_iafs, reduction, particles):
     net = make_dmm(num_iafs)
     args = (*ARGS, 0.3)  # an annealing factor below 1
-    stock = loss_and_grads(net, pi.Trace_ELBO(max_plate_nesting=1), pyro.plate, *args)
-    ours_obj = batchplate.Trace_ELBO(max_plate_nesting=1, reduction=reduction)
+    kw = {"max_plate_nesting": 1, **particles}
+    stock = loss_and_grads(net, pi.Trace_ELBO(**kw), pyro.plate, *args)
+    ours_obj = batchplate.Trace_ELBO(reduction=reduction, **kw)
     ours = loss_and_grads(net, ours_obj, batch_plate, *args)
     assert_stock_over(B if reduction == "mean" else 1.0, stock, ours)
 
@@ -123,3 +125,12 @@ def test_training_lowers_the_loss():
     after = held_out_loss()
     print(f"held-out loss {before:.2f} -> {after:.2f}")
     assert after < before - 3.0, (before, after)
+
+
+def test_run_writes_metrics_and_plot(tmp_path):
+    metrics = dmm.run(
+        steps=12, num_sequences=30, t_max=8, hidden=8, out_dir=tmp_path, progress=False
+    )
+    assert metrics["example"] == "dmm" and metrics["steps"] == 12
+    assert (tmp_path / "dmm-elbo.png").exists()
+    assert (tmp_path / "dmm-elbo-metrics.json").exists()
