@@ -45,7 +45,11 @@ ROWS = (
     ("TraceMeanField_ELBO", "vae", batchplate.TraceMeanField_ELBO, pyro.infer.TraceMeanField_ELBO),
     ("TraceGraph_ELBO", "vae", batchplate.TraceGraph_ELBO, pyro.infer.TraceGraph_ELBO),
     ("JitTrace_ELBO", "vae", batchplate.JitTrace_ELBO, pyro.infer.JitTrace_ELBO),
-    ("JitTraceMeanField_ELBO", "vae", batchplate.JitTraceMeanField_ELBO, None),
+    # Stock's JitTraceMeanField_ELBO recompiles on every call in Pyro 1.9 (it caches the
+    # compiled step under one attribute and tests another), so it is no fair counterpart:
+    # stock's JitTrace_ELBO is, the same compiled pipeline on the same VAE (with two log
+    # densities of z where the mean-field step has one analytic KL).
+    ("JitTraceMeanField_ELBO", "vae", batchplate.JitTraceMeanField_ELBO, pyro.infer.JitTrace_ELBO),
     ("TraceGraph_ELBO", "discrete", batchplate.TraceGraph_ELBO, pyro.infer.TraceGraph_ELBO),
     ("JitTraceGraph_ELBO", "discrete", batchplate.JitTraceGraph_ELBO, None),
     ("TraceEnum_ELBO", "ssvae", batchplate.TraceEnum_ELBO, pyro.infer.TraceEnum_ELBO),
@@ -92,8 +96,7 @@ def step(objective, program: str, prefix: str, plate) -> Callable:
 
 
 def stock_class(name: str, stock) -> type:
-    # Stock's JitTraceMeanField_ELBO recompiles on every call and its JitTraceGraph_ELBO
-    # freezes nothing here, but both are Pyro's own classes: use them where they exist.
+    # Stock's JitTraceGraph_ELBO freezes nothing here: Pyro's own class.
     return stock if stock is not None else getattr(pyro.infer, name)
 
 
