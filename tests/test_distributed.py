@@ -27,6 +27,7 @@ import pytest
 import torch
 import torch.distributed as tdist
 
+import batchplate
 from batchplate import RenyiELBO, ReweightedWakeSleep, Trace_ELBO, batch_plate
 from batchplate.distributed import DistributedObjective, objective_config, shard_indices
 
@@ -303,6 +304,10 @@ def test_objective_config_names_the_settings():
     assert config["insomnia"] == "0.5" and config["reduction"] == "'mean'"
     assert config["vectorize_particles"] == "True" and config["estimator"] == "'standard'"
     assert "max_plate_nesting" not in config  # a cache (guessed on the first step)
+    enum = batchplate.TraceEnum_ELBO(max_plate_nesting=1)
+    before = objective_config(enum)
+    enum.loss(model, guide, X)  # warns once, then switches its warning off: state, not a setting
+    assert objective_config(enum) == before
 
 
 if __name__ == "__main__" and sys.argv[1] == "--worker":

@@ -235,8 +235,9 @@ def _result(losses: Losses, total: Sequence[torch.Tensor]) -> float | tuple[floa
     return dataclasses.replace(losses, values=tuple(total)).result()
 
 
-#: Attributes that are caches, not settings: `max_plate_nesting` is guessed on the first step.
-_NOT_SETTINGS = frozenset({"max_plate_nesting"})
+#: Attributes that are state, not settings: `max_plate_nesting` is guessed on the first step,
+#: `strict_enumeration_warning` is a warn-once flag that the first step switches off.
+_NOT_SETTINGS = frozenset({"max_plate_nesting", "strict_enumeration_warning"})
 _PLAIN = (bool, int, float, str, type(None), tuple, dict)
 
 
