@@ -1,7 +1,7 @@
 """Gradient estimators' experiments (docs/estimators.md): SNR vs K, VAE learning, GMM.
 
     python benchmarks/estimators.py snr    [--reps 2000] [--vae-reps 60]
-    python benchmarks/estimators.py learn  [--steps 3000] [--seeds 0 1]
+    python benchmarks/estimators.py learn  [--steps 3000] [--seeds 0 1] [--test-size N]
     python benchmarks/estimators.py gmm    [--steps 4000] [--seeds 0 1 2]
 
 `snr`: the guide gradient's signal-to-noise ratio `|E g| / sd(g)` of IWAE,
@@ -134,68 +134,75 @@ def plot(table, path) -> None:
     print("wrote", path)
 
 
+def learn_run(name: str, seed: int, train: torch.Tensor, test: torch.Tensor, steps: int):
+    """Train the digits VAE at K = 50 with `name`; return (test LL at K = 5000, ESS at K = 50)."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(seed)
+    vae = vae_example.VAE()
+    svi = pyro.infer.SVI(vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), objective(name, 50))
+    for _ in range(steps):
+        idx = torch.randint(0, len(train), (100,))
+        svi.step(train[idx])
+    with torch.no_grad():
+        ll = vae_example.test_log_likelihood(vae, test, 5000, 500).mean().item()
+        log_w = batchplate.log_weights(
+            vae.model, vae.guide, test, num_particles=50, vectorize_particles=True,
+            max_plate_nesting=1,
+        )  # fmt: skip
+        w = torch.softmax(log_w, 0)
+        ess = float((1 / (w**2).sum(0)).mean())  # per datum, then averaged
+    return ll, ess
+
+
 def learn_main(args) -> None:
+    """Seeds outer, objectives inner: an interrupted run still gives paired seeds."""
     train, test = vae_example.load_data()
-    for name in ("iwae", "iwae-dreg", "rws-dreg"):
-        lls, ess = [], []
-        for seed in args.seeds:
-            pyro.clear_param_store()
-            pyro.set_rng_seed(seed)
-            vae = vae_example.VAE()
-            svi = pyro.infer.SVI(
-                vae.model, vae.guide, pyro.optim.Adam({"lr": 1e-3}), objective(name, 50)
-            )
+    test = test[: args.test_size] if args.test_size else test
+    results: dict = {name: [] for name in args.names}
+    for seed in args.seeds:
+        for name in args.names:
             t0 = time.perf_counter()
-            for _ in range(args.steps):
-                idx = torch.randint(0, len(train), (100,))
-                svi.step(train[idx])
-            with torch.no_grad():
-                ll = vae_example.test_log_likelihood(vae, test, 5000, 500).mean().item()
-                log_w = batchplate.log_weights(
-                    vae.model,
-                    vae.guide,
-                    test,
-                    num_particles=50,
-                    vectorize_particles=True,
-                    max_plate_nesting=1,
-                )
-                w = torch.softmax(log_w, 0)
-                ess.append(float((1 / (w**2).sum(0)).mean()))
-            lls.append(ll)
+            ll, ess = learn_run(name, seed, train, test, args.steps)
+            results[name].append((ll, ess))
             print(
-                f"{name} seed {seed}: test LL {ll:.3f}, ESS {ess[-1]:.1f}/50, "
-                f"{time.perf_counter() - t0:.0f}s"
+                f"{name} seed {seed}: test LL {ll:.3f}, ESS {ess:.1f}/50 "
+                f"({len(test)} test images, {args.steps} steps, {time.perf_counter() - t0:.0f}s)",
+                flush=True,
             )
-        print(
-            f"== {name}: test LL {statistics.mean(lls):.3f} (seeds {lls}), "
-            f"ESS {statistics.mean(ess):.1f}/50"
-        )
+    for name, rows in results.items():
+        lls = [f"{ll:.3f}" for ll, _ in rows]
+        ll = statistics.mean(ll for ll, _ in rows)
+        ess = statistics.mean(e for _, e in rows)
+        print(f"== {name}: test LL {ll:.3f} (seeds {', '.join(lls)}), ESS {ess:.1f}/50", flush=True)
 
 
 def gmm_main(args) -> None:
     """The GMM example's own training (`gmm.train`: its data, minibatches, Adam
-    schedule and metrics), with wake-wake RWS built with and without `defensive`."""
+    schedule and metrics), with wake-wake RWS built with and without `defensive`.
+    K and seed outer, the two proposals inner: an interrupted run stays paired."""
     from batchplate.examples import gmm as gmm_example
 
     standard = gmm_example.make_objective
-    for defensive in (0.0, args.defensive):
-        gmm_example.make_objective = lambda name, K, eps=defensive: batchplate.ReweightedWakeSleep(
-            num_particles=K, defensive=eps, vectorize_particles=True, max_plate_nesting=1
-        )
-        try:
-            for K in args.Ks:
-                errs, kls = [], []
-                for seed in args.seeds:
+    for K in args.Ks:
+        for seed in args.seeds:
+            for defensive in (0.0, args.defensive):
+                gmm_example.make_objective = lambda name, K, eps=defensive: (
+                    batchplate.ReweightedWakeSleep(
+                        num_particles=K, defensive=eps, vectorize_particles=True,
+                        max_plate_nesting=1,
+                    )
+                )  # fmt: skip
+                t0 = time.perf_counter()
+                try:
                     _, hist = gmm_example.train("rws", K, steps=args.steps, seed=seed)
-                    errs.append(hist["weight_error"][-1])
-                    kls.append(hist["kl"][-1])
+                finally:
+                    gmm_example.make_objective = standard
                 print(
-                    f"rws defensive={defensive} K={K}: weight error "
-                    f"{' '.join(f'{e:.3f}' for e in errs)}, KL {' '.join(f'{k:.2f}' for k in kls)}",
+                    f"rws defensive={defensive} K={K} seed={seed}: weight error "
+                    f"{hist['weight_error'][-1]:.3f}, KL {hist['kl'][-1]:.2f} "
+                    f"({args.steps} steps, {time.perf_counter() - t0:.0f}s)",
                     flush=True,
                 )
-        finally:
-            gmm_example.make_objective = standard
 
 
 def main() -> None:
@@ -207,6 +214,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--Ks", type=int, nargs="+", default=[2, 5, 10, 20])
     parser.add_argument("--defensive", type=float, default=0.2)
+    parser.add_argument("--test-size", type=int, default=0, help="learn: first N test images")
+    parser.add_argument("--names", nargs="+", default=["iwae", "iwae-dreg", "rws-dreg"])
     parser.add_argument("--out", default="docs/img/estimators-snr.png")
     args = parser.parse_args()
     {"snr": snr_main, "learn": learn_main, "gmm": gmm_main}[args.what](args)

@@ -63,6 +63,9 @@ class SamplePaths:
     prior: bool = False
     """Also sum the model's latent (unobserved) sites per datum: `log p(z_b^k)`."""
     latents: list[torch.Tensor] = field(default_factory=list)
+    layouts: list[tuple[dict, BatchInfo, int, int]] = field(default_factory=list)
+    """Per latent: its guide site, batch plate, the pair's `K` and first row in `[K, B]`."""
+    rows: int = 0
     prior_rows: list[torch.Tensor] = field(default_factory=list)
     subsample: Trace | None = None
     """The first pair's subsample sites: the minibatch of this draw."""
@@ -72,9 +75,11 @@ class SamplePaths:
         if self.subsample is None:
             self.subsample = subsample_trace(pair)
         sites = density_sites(guide_trace)
-        self.latents.extend(
-            s["value"] for s in sites if is_reparameterized(s) and s["value"].requires_grad
-        )
+        for s in sites:
+            if is_reparameterized(s) and s["value"].requires_grad:
+                self.latents.append(s["value"])
+                self.layouts.append((s, batch, K, self.rows))
+        self.rows += K
         if self.prior:
             latent = [s for s in density_sites(model_trace) if not s["is_observed"]]
             self.prior_rows.append(self._per_datum(latent, batch, K, sites))
@@ -109,16 +114,54 @@ def through_samples(target: torch.Tensor, paths: SamplePaths) -> torch.Tensor:
     evenly over the `B` data so that the objective's reduction (mean, or `N/B`
     times the sum) scales it as it scales every per-datum term.
     """
-    B = target.shape[-1]
+    return path_surrogate(path_grads(target, paths), paths, target)
+
+
+def path_grads(target: torch.Tensor, paths: SamplePaths) -> list[torch.Tensor | None]:
+    """`d target.sum() / d z_s` for each reparameterized sample `z_s`, detached
+    (`None` where `target` has no path to `z_s`; all `None` without a graph)."""
     latents = paths.latents
     if not (latents and target.requires_grad and torch.is_grad_enabled()):
-        return target.new_zeros(B)
+        return [None] * len(latents)
     _check_no_latent_paths(latents)
     grads = torch.autograd.grad(target.sum(), latents, retain_graph=True, allow_unused=True)
-    terms = [(g.detach() * z).sum() for g, z in zip(grads, latents, strict=True) if g is not None]
+    return [None if g is None else g.detach() for g in grads]
+
+
+def path_surrogate(
+    grads: list[torch.Tensor | None], paths: SamplePaths, like: torch.Tensor
+) -> torch.Tensor:
+    """`[B]`: `sum_s (g_s . z_s) / B` for every `B` entry, `g_s` fixed (`like` is `[K, B]`).
+
+    Its gradient is `sum_s g_s dz_s/dphi`: the guide's parameters only, spread evenly
+    over the data so that the objective's reduction scales it as any per-datum term.
+    """
+    B = like.shape[-1]
+    terms = [(g * z).sum() for g, z in zip(grads, paths.latents, strict=True) if g is not None]
     if not terms:
-        return target.new_zeros(B)
+        return like.new_zeros(B)
     return (sum(terms) / B).expand(B)
+
+
+def per_particle(coef: torch.Tensor, grads: list, paths: SamplePaths) -> list:
+    """Each `grads[s]` times `coef[k, b]` on the entries of particle `k` and datum `b`.
+
+    The latents come in every layout (particle and batch dims anywhere, one site
+    per datum in a sequential plate, one trace per particle); `reduce_sites` is a
+    plain sum from a site's log-prob shape to `[K, B]`, so its vector-Jacobian
+    product with `coef` places `coef[k, b]` on exactly the entries of `(k, b)`.
+    """
+    scaled = []
+    for g, (site, batch, K, row) in zip(grads, paths.layouts, strict=True):
+        if g is None:
+            scaled.append(None)
+            continue
+        with torch.enable_grad():
+            u = torch.zeros_like(site["log_prob"], requires_grad=True)
+            kb = reduce_sites([site], batch, K, lambda _, u=u: u)
+            (c,) = torch.autograd.grad(kb, u, grad_outputs=coef[row : row + K].expand_as(kb))
+        scaled.append(g * c.reshape(c.shape + (1,) * (g.dim() - c.dim())))  # event dims
+    return scaled
 
 
 def _check_no_latent_paths(latents: list[torch.Tensor]) -> None:
@@ -172,3 +215,37 @@ def weigh_paths(objective, model, guide, args: tuple, kwargs: dict, **options) -
     weights = BatchObjective.weigh(objective, model, guide, args, kwargs, extra=paths, **options)
     values = {f.name: getattr(weights, f.name) for f in fields(LogWeights)}
     return PathWeights(**values, paths=paths)
+
+
+def rws_dreg_paths(
+    weights: PathWeights, normalized: torch.Tensor, wake_phi: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`[B]` sample-path surrogates of RWS-DReG: wake-theta's cut, wake-phi's path.
+
+    Wake-theta's `log (1/K) sum_k exp l` reaches the guide through the draws by
+    `sum_k w~_k (d log p_k / dz_k) dz_k/dphi`; the cut is minus exactly that, so
+    wake-theta keeps only the model's gradient. Wake-phi's DReG gradient
+    `sum_k (w~_k - w~_k^2)(d log p_k / dz_k - d log q_k / dz_k) dz_k/dphi` (guide
+    only) reuses the same vector-Jacobian product through the model, times
+    `1 - w~_k` per particle (`log p[k, b]` depends on `z_b^k` only: the data and
+    the particles are independent), plus the guide density's own, which stops at
+    the draws. One pass through the model instead of two: RWS-DReG's extra cost.
+    `wake_phi=False` skips the wake-phi path (`None`).
+    """
+    model_path = path_grads(normalized * weights.log_p, weights.paths)
+    cut = path_surrogate([None if g is None else -g for g in model_path], weights.paths, normalized)
+    if not wake_phi:
+        return cut, None
+    c = normalized - normalized * normalized
+    density_path = path_grads(c * weights.log_q, weights.paths)
+    scaled = per_particle(1 - normalized, model_path, weights.paths)
+    phi = [
+        _minus(a, b) for a, b in zip(scaled, density_path, strict=True)
+    ]  # (1 - w~) w~ dlog p/dz - c dlog q/dz
+    return cut, path_surrogate(phi, weights.paths, normalized)
+
+
+def _minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    if b is None:
+        return a
+    return -b if a is None else a - b

@@ -13,7 +13,13 @@ from ..plate import check_positive_int
 from ..validation import NoSampleSitesError
 from ..weights import LogWeights
 from .base import BatchObjective, Losses
-from .pathwise import PathWeights, check_estimator, nonreparam_log_q, through_samples, weigh_paths
+from .pathwise import (
+    PathWeights,
+    check_estimator,
+    nonreparam_log_q,
+    rws_dreg_paths,
+    weigh_paths,
+)
 
 
 class ReweightedWakeSleep(BatchObjective):
@@ -161,14 +167,16 @@ class ReweightedWakeSleep(BatchObjective):
         K = weights.num_particles
         normalized = torch.softmax(log_w.detach(), dim=0)
         theta = torch.logsumexp(log_w, 0) - math.log(K)
+        paths = None
         if self.estimator == "dreg":  # the draws carry the guide's graph: cut it here
-            theta = theta + through_samples(-normalized * weights.log_p, weights.paths)
+            cut, paths = rws_dreg_paths(weights, normalized, wake_phi=self.insomnia > 0)
+            theta = theta + (cut - cut.detach())  # the value stays wake-theta's
         wake_theta = -self.reduce(theta, weights.batch)
         warn_if_nan(wake_theta, "wake theta loss")
         if self.insomnia == 0:
             return wake_theta, None
         if self.estimator == "dreg":
-            phi = rws_dreg_objective(weights, normalized)
+            phi = rws_dreg_objective(weights, normalized, paths)
         elif self.defensive > 0:
             phi = self._defensive_objective(weights, call)
         else:
@@ -255,13 +263,18 @@ def check_defensive(defensive: float, estimator: str, insomnia: float) -> float:
     return float(defensive)
 
 
-def rws_dreg_objective(weights: PathWeights, normalized: torch.Tensor) -> torch.Tensor:
-    """`[B]`: the RWS-DReG wake-phi surrogate (Tucker et al., 2019, eq. 8).
+def rws_dreg_objective(
+    weights: PathWeights, normalized: torch.Tensor, paths: torch.Tensor
+) -> torch.Tensor:
+    """`[B]`: the RWS-DReG wake-phi objective (Tucker et al., 2019, eq. 8).
 
     Reparameterizing `sum_k w~_k d_phi log q(z_k)` (density parameters of the
-    reparameterized sites) gives `sum_k (w~_k - w~_k^2) dl_k/dz_k dz_k/dphi`; the
-    non-reparameterized sites keep `sum_k w~_k grad log q`.
+    reparameterized sites) gives `sum_k (w~_k - w~_k^2) dl_k/dz_k dz_k/dphi`, the
+    sample-path surrogate `paths` (`rws_dreg_paths`); the non-reparameterized
+    sites keep `sum_k w~_k grad log q`. Its value is the standard wake-phi
+    objective's, `sum_k w~_k log q(z_k)`, so the reported losses do not depend
+    on the estimator.
     """
-    rest = (normalized * nonreparam_log_q(weights)).sum(0)
-    target = (normalized - normalized * normalized) * weights.log_w
-    return rest + through_samples(target, weights.paths)
+    surrogate = (normalized * nonreparam_log_q(weights)).sum(0) + paths
+    value = (normalized * weights.log_q).sum(0).detach()
+    return value + (surrogate - surrogate.detach())
