@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -167,8 +169,9 @@ def test_detached_batch_mean_in_the_model_is_flagged():
 
 
 def test_position_in_the_minibatch_is_flagged():
-    """A sequential guide that reads the loop counter: a function of the position, not of
-    the datum (the reordered minibatch moves every datum)."""
+    """A sequential guide that counts its iterations: a function of the position in the
+    minibatch, not of the datum (the reordered minibatch moves every datum). The plate's
+    index `i` itself names the datum, rightly."""
 
     def model(x):
         for i in batch_plate("data", len(x)):
@@ -176,8 +179,8 @@ def test_position_in_the_minibatch_is_flagged():
             pyro.sample(f"x_{i}", dist.Normal(z, 1.0), obs=x[i])
 
     def guide(x):
-        for i in batch_plate("data", len(x)):
-            pyro.sample(f"z_{i}", dist.Normal(x[i] + 0.1 * i, 1.0))
+        for position, i in enumerate(batch_plate("data", len(x))):
+            pyro.sample(f"z_{i}", dist.Normal(x[i] + 0.1 * position, 1.0))
 
     report = check_batch_independence(model, guide, torch.zeros(4), raise_error=False)
     assert report.coupled == {} and set(report.moved) == {0, 1, 2, 3}
@@ -216,4 +219,28 @@ def test_dropout_in_training_mode_skips_the_permutation_check():
     model, guide = programs(encoder)
     with pytest.warns(UserWarning, match="not reproducible from its latents"):
         report = check_batch_independence(model, guide, data())
+    assert report.independent and not report.permutation_checked
+
+
+def autoguide_model(x, subsample=None):
+    with batch_plate("data", len(x), subsample=subsample) as idx:
+        z = pyro.sample("z", dist.Normal(0.0, 1.0))
+        pyro.sample("x", dist.Normal(z, 1.0), obs=x[idx])
+
+
+def test_autoguides_pass():
+    """An autoguide's per-datum parameters follow the plate's indices: both checks pass
+    (a point mass that cannot be reordered skips the permutation check, with a warning)."""
+    from pyro.infer.autoguide import AutoDelta, AutoNormal
+
+    x = torch.tensor([0.3, -1.2, 2.0, 0.9])
+    for subsample in (None, torch.tensor([3, 0, 2])):
+        pyro.clear_param_store()
+        guide = AutoNormal(autoguide_model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # autoguides' plates have fixed sizes: no halves
+            report = check_batch_independence(autoguide_model, guide, x, subsample)
+        assert report.independent and report.permutation_checked
+    with pytest.warns(UserWarning, match="cannot be reordered"):
+        report = check_batch_independence(autoguide_model, AutoDelta(autoguide_model), x)
     assert report.independent and not report.permutation_checked

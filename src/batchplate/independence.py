@@ -10,6 +10,7 @@ the batch median, a detached batch mean, the datum's position).
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -17,12 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pyro.infer.autoguide import AutoGuide
 from pyro.infer.util import site_is_subsample
 from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 from torch.nn.utils.rnn import PackedSequence
 
-from .draw import draw_particles, subsample_indices
+from .draw import adopt_batch_frames, draw_particles, subsample_indices
 from .errors import BatchPlateError
 from .plate import BatchInfo, batch_frame
 from .weights import compute_log_weights
@@ -300,6 +302,8 @@ class _Reruns:
     """The program re-run on reorderings of the first run's minibatch, latents replayed."""
 
     def __init__(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, weights):
+        if isinstance(guide, AutoGuide):  # draw_particles marks its batch plate; wrapped, we do
+            guide = adopt_batch_frames(guide)(guide)
         self.model, self.guide, self.args, self.kwargs = model, guide, args, kwargs
         self.batch: BatchInfo = weights.batch
         self.log_w = weights.log_w[0].detach()
@@ -312,13 +316,10 @@ class _Reruns:
         if B < 2:
             return {}, True
         if _far(self.rerun(torch.arange(B)), self.log_w).any():
-            warnings.warn(
-                "check_batch_independence: the program's log weights are not reproducible from "
-                "its latents (randomness outside sample sites, such as dropout in training "
-                "mode?), so the permutation check was skipped; only the autograd check ran.",
-                stacklevel=3,
+            return self._skipped(
+                "log weights are not reproducible from its latents (randomness outside sample "
+                "sites, such as dropout in training mode?)"
             )
-            return {}, False
         order = torch.arange(B).roll(1)  # every datum moves
         half = B // 2
         # Reordered (position), halves and single data (other companions: a batch statistic
@@ -329,38 +330,76 @@ class _Reruns:
         failures = []
         for part in parts:
             try:
-                got = self.rerun(part)
+                distance = self.distance(part)
             except Exception as e:  # e.g. a size fixed in the program: sub-batches cannot run
-                if len(part) == B:
-                    raise
                 failures.append(f"{type(e).__name__}: {e}")
+                if len(part) == B:  # positions are the data's identity (a point-mass autoguide)
+                    return self._skipped(f"cannot be reordered ({failures[0]})")
                 continue
-            want = self.log_w[part]
-            for p in _far(got, want).nonzero().flatten().tolist():
+            for p in distance.nonzero().flatten().tolist():
                 b = int(part[p])
-                moved[b] = max(moved.get(b, 0.0), float((got[p] - want[p]).abs()))
+                moved[b] = max(moved.get(b, 0.0), float(distance[p]))
         if failures:
             warnings.warn(
                 f"check_batch_independence: the program did not run on {len(failures)} of "
                 f"{len(parts) - 1} parts of the minibatch ({failures[0].splitlines()[0]}); the "
-                "permutation check used the others.",
+                "permutation check used the reordered minibatch and the parts that ran.",
                 stacklevel=3,
             )
         return moved, True
 
-    def rerun(self, order: torch.Tensor) -> torch.Tensor:
-        """`l[0, :]` of the minibatch `order` (first-run positions), latents replayed."""
+    def _skipped(self, why: str) -> tuple[dict, bool]:
+        warnings.warn(
+            f"check_batch_independence: the program's {why}, so the permutation check was "
+            "skipped; only the autograd check ran.",
+            stacklevel=4,
+        )
+        return {}, False
+
+    def distance(self, part: torch.Tensor) -> torch.Tensor:
+        """How far each datum of `part` moved (0 within rounding).
+
+        Without subsampling, "datum `b`" is row `b` of the `[B, ...]` inputs for a
+        program that reads them whole, and index `b` of the plate for one that
+        indexes data or per-datum parameters with the plate's indices (an
+        `AutoNormal`): a datum moved only if it moved under both readings.
+        """
+        want = self.log_w[part]
+        by_rows = self.batch.full_size != self.batch.size  # subsampled: one reading only
+        try:
+            got = self.rerun(part)
+            moved = torch.where(_far(got, want), (got - want).abs(), torch.zeros_like(want))
+        except BatchPlateError:  # e.g. a point-mass guide reading its values by index
+            if by_rows:
+                raise
+            moved = torch.full_like(want, math.inf)
+        if moved.any() and not by_rows:
+            try:
+                got = self.rerun(part, by_index=True)
+            except Exception:  # a program that reads its inputs whole: the rows reading holds
+                if bool(moved.isinf().any()):
+                    raise
+                return moved
+            moved = torch.where(_far(got, want), moved.minimum((got - want).abs()), 0.0)
+        return moved
+
+    def rerun(self, order: torch.Tensor, by_index: bool = False) -> torch.Tensor:
+        """`l[0, :]` of the minibatch `order` (first-run positions), latents replayed:
+        the rows of `[B, ...]` tensor arguments reordered, and the plate's indices (if
+        subsampled, or with `by_index` instead of the rows)."""
         B = self.batch.size
-        subsampled = self.subsample is not None and self.batch.full_size != B
+        subsampled = self.batch.full_size != B
 
         def reorder(label, x):
             if isinstance(x, torch.Tensor) and x.dim() >= 1 and x.shape[0] == B:
                 return x.detach()[order.to(x.device)]
             return x
 
-        args, kwargs = _map_tensors(self.args, self.kwargs, reorder)
+        args, kwargs = (self.args, self.kwargs)
+        if not by_index:
+            args, kwargs = _map_tensors(self.args, self.kwargs, reorder)
         fixed = None
-        if subsampled:
+        if self.subsample is not None and (subsampled or by_index):
             fixed = Trace()
             value = self.subsample[order.to(self.subsample.device)]
             fixed.add_node(self.batch.name, type="sample", is_observed=False, value=value, infer={})
