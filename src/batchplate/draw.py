@@ -60,6 +60,20 @@ class Particles:
     vectorized: bool
 
 
+@dataclass
+class Enumeration:
+    """What earlier draws of a program showed about its enumerated sites.
+
+    A program none of whose sites is marked for enumeration runs without Pyro's
+    enumeration handler (about a tenth of a per-particle step); one that showed
+    a marked site is enumerated directly from then on, with the plate nesting
+    it was enumerated with, instead of being run plainly first to find out.
+    """
+
+    known: bool = False
+    max_plate_nesting: float = math.inf
+
+
 def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
     """Run guide and model once, without particles, and count vectorized plate dims."""
     try:
@@ -141,15 +155,18 @@ def wake_pair(
     kwargs: dict,
     max_plate_nesting: float,
     detach_guide: bool = False,
+    enumeration: Enumeration | None = None,
 ) -> Pair:
     """Draw `z ~ q(. | x)` from the guide, replay the model on it, score and check both.
 
     `detach_guide` cuts the model's dependence on the guide's parameters
-    through the drawn values (reweighted wake-sleep's wake phase).
+    through the drawn values (reweighted wake-sleep's wake phase);
+    `enumeration` remembers across draws whether the program enumerates.
     """
     try:
         run = (model, guide, args, kwargs, detach_guide)
-        guide_trace, model_trace, max_plate_nesting = _enumerated_wake(run, max_plate_nesting)
+        memo = Enumeration() if enumeration is None else enumeration
+        guide_trace, model_trace, max_plate_nesting = _enumerated_wake(run, max_plate_nesting, memo)
     except ValueError as e:  # Pyro's bare support error: name the datum with a NaN first
         error = None if isinstance(e, BatchPlateError) else non_finite_input_error(args, kwargs, e)
         if error is None:
@@ -167,27 +184,47 @@ def _wake_traces(run: tuple) -> tuple[Trace, Trace]:
     return guide_trace, poutine.trace(replayed).get_trace(*args, **kwargs)
 
 
-def _enumerated_wake(run: tuple, max_plate_nesting: float) -> tuple[Trace, Trace, float]:
+def _enumerated_wake(
+    run: tuple, max_plate_nesting: float, memo: Enumeration
+) -> tuple[Trace, Trace, float]:
     """Guide and model traces with sites marked `enumerate="parallel"` enumerated,
     and the plate nesting they were enumerated with.
 
     As in Pyro's `TraceEnum_ELBO`, the guide's enumeration dims start left of
     the program's plates (`-1 - max_plate_nesting`) and the model's continue
-    after them. With an unbounded `max_plate_nesting`, a first plain run shows
-    whether anything is marked (and how deep the plates go): a marked site must
-    never be silently sampled.
+    after them. Unless `memo` knows the program enumerates, a first plain run
+    shows whether anything is marked (and how deep the plates go): a marked
+    site must never be silently sampled.
     """
     model, guide, args, kwargs, detach_guide = run
-    if max_plate_nesting == math.inf:
+    if memo.known and max_plate_nesting == math.inf:
+        max_plate_nesting = memo.max_plate_nesting
+    if not memo.known:
+        rng = _rng_state()
         traces = _wake_traces(run)
         if not marked_for_enumeration(traces):
             return (*traces, max_plate_nesting)
-        max_plate_nesting = trace_nesting(traces)
+        if max_plate_nesting == math.inf:
+            max_plate_nesting = trace_nesting(traces)
+        memo.known, memo.max_plate_nesting = True, max_plate_nesting
+        _set_rng_state(rng)  # the enumerated run draws what it would have drawn alone
     guide = EnumMessenger(first_available_dim=-1 - max_plate_nesting)(guide)
     model = EnumMessenger()(model)  # keeps the guide's allocation state, as Pyro does
     traces = _wake_traces((model, guide, args, kwargs, detach_guide))
     check_enumeration(traces)
     return (*traces, max_plate_nesting)
+
+
+def _rng_state() -> tuple:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def marked_for_enumeration(traces: Iterable[Trace]) -> bool:
@@ -264,6 +301,7 @@ def draw_particles(
     prior: bool = False,
     detach_guide: bool = False,
     subsample: Trace | None = None,
+    enumeration: Enumeration | None = None,
 ) -> Particles:
     """Draw `K` particles: one vectorized (model, guide) pair, or `K` pairs.
 
@@ -277,12 +315,15 @@ def draw_particles(
     All particles of a datum must weigh the same datum, so they share one
     minibatch: `subsample` (from `subsample_trace`) fixes the plates'
     subsample indices; when it is `None`, per-particle pairs reuse the first
-    particle's.
+    particle's. `enumeration` carries what earlier draws showed about enumerated
+    sites (see `Enumeration`); every particle of this draw shares it.
     """
     check_positive_int("num_particles", num_particles)
     if isinstance(guide, AutoGuide):  # its plain plate over the data is the batch plate
         guide = adopt_batch_frames(guide)(guide)
-    pair = sleep_pair if sleep else functools.partial(wake_pair, detach_guide=detach_guide)
+    memo = Enumeration() if enumeration is None else enumeration
+    wake = functools.partial(wake_pair, detach_guide=detach_guide, enumeration=memo)
+    pair = sleep_pair if sleep else wake
     pair = prior_pair if prior else pair
     fixed = subsample is not None
     if fixed:

@@ -10,7 +10,7 @@ from pyro import poutine
 from pyro.poutine import Trace
 
 from .autobatch import autobatch_log_weights
-from .draw import draw_particles, plate_nesting, subsample_trace
+from .draw import Enumeration, draw_particles, plate_nesting, subsample_trace
 from .plate import check_positive_int
 from .validation import global_latent_error
 from .weights import compute_log_weights
@@ -70,6 +70,7 @@ def log_evidence(
     total = None
     done = 0
     subsample = None  # every chunk weighs the first chunk's minibatch
+    enumeration = Enumeration()  # the first chunk shows whether the program enumerates
     while done < num_particles:
         k = min(chunk_size, num_particles - done)
         particles = draw_particles(
@@ -81,6 +82,7 @@ def log_evidence(
             vectorize_particles=vectorize_particles,
             max_plate_nesting=max_plate_nesting,
             subsample=subsample,
+            enumeration=enumeration,
         )
         if done == 0:
             particles.pairs = list(particles.pairs)  # at most chunk_size pairs

@@ -24,7 +24,7 @@ from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
 from ..autobatch import autobatch_log_weights
-from ..draw import Pair, draw_particles, plate_nesting
+from ..draw import Enumeration, Pair, draw_particles, plate_nesting
 from ..plate import BatchInfo, check_positive_int
 from ..validation import (
     NoSampleSitesError,
@@ -165,6 +165,7 @@ class BatchObjective(ELBO):
         self.autobatch = autobatch
         self._baselines_checked: set[int] = set()
         self._enumeration_unchecked = strict_enumeration_warning is True
+        self._enumeration = Enumeration()  # learned on the first draw, reused after
 
     # -- draw, check, reduce ---------------------------------------------------
 
@@ -210,6 +211,7 @@ class BatchObjective(ELBO):
                 prior=prior,
                 detach_guide=detach_guide,
                 subsample=subsample,
+                enumeration=self._enumeration,
             )
             particles.pairs = map(self.prepare, particles.pairs)  # lazily, pair by pair
             return compute_log_weights(particles, extra)
