@@ -33,9 +33,13 @@ CONJ = Conjugate()
 A, C, R = 0.64, 3.06, 0.6  # the exact posterior N(a x + c, r) of the scale model
 
 
-def per_datum_programs(layout, N, B=None, shift=0.0, widen=1.0, scale=1.0, mask=None, rec=None):
+def per_datum_programs(
+    layout, N, B=None, shift=0.0, widen=1.0, scale=1.0, mask=None, rec=None, coin=False
+):
     """The scale model; the guide `N(loc_n, exp(log_scale_n))` has its own parameters per
-    datum `n` (exact posterior at `shift=0, widen=1`) and records `(indices, draws)`."""
+    datum `n` (exact posterior at `shift=0, widen=1`) and records `(indices, draws)`.
+    `coin=True` (vectorized layout) adds a Bernoulli(0.3) site to both, which leaves
+    `l` unchanged but makes the guide non-reparameterized in part."""
     rec = [] if rec is None else rec
     kw = {} if B is None else {"subsample_size": B}
 
@@ -52,6 +56,8 @@ def per_datum_programs(layout, N, B=None, shift=0.0, widen=1.0, scale=1.0, mask=
         if layout == "vectorized":
             with batch_plate("data", N, **kw) as idx:
                 w = pyro.sample("w", dist.Normal(CONJ.m, CONJ.s))
+                if coin:
+                    pyro.sample("coin", dist.Bernoulli(0.3))
                 obs("x", w, x[idx], True if mask is None else mask[idx])
         else:
             for i in batch_plate("data", N, **kw):
@@ -63,6 +69,8 @@ def per_datum_programs(layout, N, B=None, shift=0.0, widen=1.0, scale=1.0, mask=
         if layout == "vectorized":
             with batch_plate("data", N, **kw) as idx:
                 w = pyro.sample("w", dist.Normal(loc[idx], log_scale[idx].exp()))
+                if coin:
+                    pyro.sample("coin", dist.Bernoulli(0.3))
                 rec.append((idx, w))
         else:
             for i in batch_plate("data", N, **kw):
@@ -130,16 +138,21 @@ def objective(name, K, vectorize, reduction="mean"):
 LAYOUTS = [("vectorized", True), ("vectorized", False), ("sequential", True), ("sequential", False)]
 
 
-@pytest.mark.parametrize("layout,vectorize", LAYOUTS)
-@pytest.mark.parametrize("name", list(COEFS))
-def test_sample_path_gradient_matches_hand_formula_per_draw(layout, vectorize, name):
-    """Off the posterior, with subsampling, a user scale and a mask, `reduction="sum"`."""
+CASES = [(layout, vectorize, name, False) for layout, vectorize in LAYOUTS for name in COEFS]
+CASES += [("vectorized", vectorize, "rws-dreg", True) for vectorize in (True, False)]
+
+
+@pytest.mark.parametrize("layout,vectorize,name,coin", CASES)
+def test_sample_path_gradient_matches_hand_formula_per_draw(layout, vectorize, name, coin):
+    """Off the posterior, with subsampling, a user scale and a mask, `reduction="sum"`.
+    `coin`: a guide with a discrete site too (RWS-DReG's other way to the density path)."""
     pyro.clear_param_store()
     pyro.set_rng_seed(1)
     N, B, K = 6, 4, 3
     x = CONJ.data(N, seed=2).to(F64)
     mask = torch.tensor([True, False, True, True, False, True])
-    model, guide, rec = per_datum_programs(layout, N, B, shift=0.4, widen=1.3, scale=2.0, mask=mask)
+    options = dict(shift=0.4, widen=1.3, scale=2.0, mask=mask, coin=coin)
+    model, guide, rec = per_datum_programs(layout, N, B, **options)
     obj = objective(name, K, vectorize, reduction="sum")
     rec.clear()
     obj.loss_and_grads(model, guide, x)
