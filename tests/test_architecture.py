@@ -286,11 +286,41 @@ def test_private_pyro_uses_are_found():
     assert [line for line, _ in found] == [1, 2, 4, 5, 6, 7]
 
 
+#: The one accepted use, by (module, function): automatic batching runs each lane
+#: (a coroutine) on its own Pyro handler stack by swapping the contents of Pyro's
+#: global stack, and Pyro has no public API for several handler stacks side by side.
+#: Confined to this function, which returns the two lists and says why.
+ALLOWED_PRIVATE = {("src/batchplate/autobatch/_lanes.py", "pyro_global_stacks")}
+
+
+def allowed_lines(path: Path, tree: ast.Module) -> set[int]:
+    """The lines of the functions of ``path`` named in ``ALLOWED_PRIVATE``."""
+    lines = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and (rel(path), node.name) in ALLOWED_PRIVATE:
+            lines.update(range(node.lineno, node.end_lineno + 1))
+    return lines
+
+
+def test_allowed_private_use_is_confined_to_its_function():
+    source = (
+        "def pyro_global_stacks():\n    from pyro.poutine.runtime import _PYRO_STACK\n\n"
+        "def elsewhere():\n    from pyro.poutine.runtime import _PYRO_STACK\n"
+    )
+    path = ROOT / "src/batchplate/autobatch/_lanes.py"
+    tree = ast.parse(source)
+    found = [line for line, _ in private_pyro_uses(tree) if line not in allowed_lines(path, tree)]
+    assert found == [5]
+
+
 def test_no_private_pyro_internals():
     offenders = []
     for path in sorted(PACKAGE.rglob("*.py")):
-        for line, what in private_pyro_uses(parse(path)):
-            offenders.append(f"  {rel(path)}:{line} {what}")
+        tree = parse(path)
+        allowed = allowed_lines(path, tree)
+        for line, what in private_pyro_uses(tree):
+            if line not in allowed:
+                offenders.append(f"  {rel(path)}:{line} {what}")
     assert not offenders, "private Pyro internals used in src/batchplate:\n" + "\n".join(offenders)
 
 
