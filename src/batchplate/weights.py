@@ -64,8 +64,13 @@ class LogWeights:
 
     @property
     def log_w(self) -> torch.Tensor:
-        """`l[k, b] = log p - log q`."""
-        return self.log_p - self.log_q
+        """`l[k, b] = log p - log q` (computed once: each extra `log p - log q` is an op
+        forward and backward; `log_p` and `log_q` are not reassigned)."""
+        cached = self.__dict__.get("_log_w")
+        if cached is None or cached[0] is not self.log_p or cached[1] is not self.log_q:
+            cached = (self.log_p, self.log_q, self.log_p - self.log_q)
+            self.__dict__["_log_w"] = cached
+        return cached[2]
 
     @property
     def num_particles(self) -> int:
@@ -141,7 +146,12 @@ def reduce_sites(
     if not sites:
         return None
     if batch.vectorized:
-        total = sum(to_kb(term(site), particle_dim(site), batch.dim) for site in sites)
+        # Summed from the first term, not from 0: `sum` would add a zero (one more op
+        # forward and backward per reduction).
+        terms = (to_kb(term(site), particle_dim(site), batch.dim) for site in sites)
+        total = next(terms)
+        for value in terms:
+            total = total + value
         return total.expand(K, batch.size)
     # One scatter per trace, not one add per site: sequential plates have many sites.
     # (Site log probs, not Pyro's `log_prob_sum`: its NaN hooks would run in every
@@ -279,15 +289,15 @@ def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> 
             extras.append(extra(pair, batch, K))
         globals_.append(global_terms(pair, K))
         scores.append(global_score_log_q(pair, K))
-    log_p, log_q = (torch.cat([row[i] for row in rows]) for i in (0, 1))
+    log_p, log_q = (_cat([row[i] for row in rows]) for i in (0, 1))
     score_log_q = None
     if any(row[2] is not None for row in rows):  # dynamic programs: in some particles only
-        score_log_q = torch.cat([_or_zeros(row[2], row[0]) for row in rows])
+        score_log_q = _cat([_or_zeros(row[2], row[0]) for row in rows])
     # An enumerated pair's site terms are not per-site costs (they carry enumeration dims).
     # Nor are a pair's with global sites, whose costs span the whole batch.
     whole = particles.vectorized and not model_enumerated(pair) and globals_[0][0] is None
     weights = LogWeights(log_p, log_q, score_log_q, batch, pair if whole else None)
-    weights.extra = torch.cat(extras) if extras else None
+    weights.extra = _cat(extras) if extras else None
     if globals_[0][0] is not None:
         weights.global_log_w = torch.cat([g.expand(K) for g, _ in globals_])
         weights.global_latents = globals_[0][1]
@@ -347,6 +357,12 @@ def guide_enumeration_error(names: list[str]) -> BatchPlateError:
         "for guide-side enumeration, or enumerate the site in the model (remove it from the "
         "guide) so that it is summed exactly inside each datum, or sample it in the guide."
     )
+
+
+def _cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    # One particle (or one vectorized pair) needs no copy: a cat of one tensor is a
+    # copy forward and a graph node backward, a few us each per step.
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _or_zeros(value: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

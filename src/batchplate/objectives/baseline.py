@@ -92,7 +92,8 @@ def baseline(
             f"downstream cost, {tuple(cost.shape)} (the site's plates, batch plate included: "
             f"one value per datum), got {tuple(learned.shape)}"
         )
-    value = value + learned
+    # Without a decaying average, the learned baseline alone (no `0.0 + learned` op).
+    value = value + learned if spec.decaying else learned
     return value, (cost - value) ** 2
 
 

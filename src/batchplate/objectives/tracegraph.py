@@ -134,12 +134,13 @@ def downstream_costs(pair: Pair, batch: BatchInfo) -> dict[str, MultiFrameTensor
     """
     model_trace, guide_trace = pair
     costs: dict[str, MultiFrameTensor] = {}
-    for sign, trace in zip((1.0, -1.0), pair, strict=True):
+    for negate, trace in zip((False, True), pair, strict=True):
         for site in density_sites(trace):
             log_prob, provenance = site_log_prob(site, batch), site[PROVENANCE]
             if not provenance:
                 continue
-            term = sign * log_prob.detach()
+            # (negated, not multiplied by a sign: no `1.0 * log p` op per model site)
+            term = -log_prob.detach() if negate else log_prob.detach()
             for name in provenance:
                 if not batch.vectorized:
                     _check_same_datum(site, guide_trace.nodes[name])
