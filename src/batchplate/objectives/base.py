@@ -315,7 +315,8 @@ class BatchObjective(ELBO):
             return Losses(("loss",), (torch.zeros(()),), None)
         value, surrogate = self.per_datum(weights)
         G = self.global_term(weights)
-        loss = -self.reduce(value, weights.batch, None if G is None else G.detach()).detach()
+        # (detached first: the value needs no autograd nodes)
+        loss = -self.reduce(value.detach(), weights.batch, None if G is None else G.detach())
         surrogate_loss = -self.reduce(surrogate, weights.batch, G)
         if surrogate_loss.requires_grad:
             loss = loss + (surrogate_loss - surrogate_loss.detach())
@@ -455,7 +456,7 @@ def _check_and_accumulate(
     pending = []
     for name, p in params.items():
         fresh, old = p.grad, previous[name]
-        if fresh is not None and fresh.device.type == "cpu":
+        if fresh is not None and fresh.is_cpu:
             if math.isfinite(float(fresh.sum())):
                 if old is not None:
                     fresh.add_(old)  # = old + fresh, in fresh's buffer

@@ -80,6 +80,9 @@ class TraceEnum_ELBO(BatchObjective):
             num_particles=K,
             vectorize_particles=vectorize,
             max_plate_nesting=self.max_plate_nesting,
+            # What the first draw showed: later draws skip the plain look-ahead run
+            # (without it every step ran the program twice).
+            enumeration=self._enumeration,
         )
         rows, globals_ = [], []
         for pair in particles.pairs:
