@@ -299,12 +299,17 @@ def compute_log_weights(particles: Particles, extra: PairTerm | None = None) -> 
     weights = LogWeights(log_p, log_q, score_log_q, batch, pair if whole else None)
     weights.extra = _cat(extras) if extras else None
     if globals_[0][0] is not None:
-        weights.global_log_w = torch.cat([g.expand(K) for g, _ in globals_])
-        weights.global_latents = globals_[0][1]
-        if any(s is not None for s in scores):  # dynamic programs: in some particles only
-            like = weights.global_log_w[:K]
-            weights.global_score_log_q = torch.cat([_or_zeros(s, like) for s in scores])
+        _attach_globals(weights, globals_, scores, K)
     return weights
+
+
+def _attach_globals(weights: LogWeights, globals_: list, scores: list, K: int) -> None:
+    """The sites outside the batch plate: their `[K]` term `G`, names and score terms."""
+    weights.global_log_w = torch.cat([g.expand(K) for g, _ in globals_])
+    weights.global_latents = globals_[0][1]
+    if any(s is not None for s in scores):  # dynamic programs: in some particles only
+        like = weights.global_log_w[:K]
+        weights.global_score_log_q = torch.cat([_or_zeros(s, like) for s in scores])
 
 
 def global_score_log_q(pair: Pair, K: int) -> torch.Tensor | None:
