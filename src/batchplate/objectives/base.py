@@ -24,7 +24,7 @@ from pyro.poutine import Trace
 from pyro.poutine.messenger import Messenger
 
 from ..autobatch import autobatch_log_weights
-from ..draw import Enumeration, Pair, draw_particles, plate_nesting
+from ..draw import Enumeration, Pair, Particles, draw_particles, plate_nesting
 from ..plate import BatchInfo, check_positive_int
 from ..validation import (
     NoSampleSitesError,
@@ -195,26 +195,38 @@ class BatchObjective(ELBO):
             return self._weigh_autobatched(
                 model, guide, args, kwargs, K, sleep, detach_guide, extra, prior, subsample
             )
-        vectorize = self.vectorize_particles and K > 1
-        if vectorize and self.max_plate_nesting == math.inf:  # guessed once per objective
-            self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
         with self._unused_baseline_check(guide), self._enumeration_check():
-            particles = draw_particles(
+            particles = self._draw(
                 model,
                 guide,
-                args,
-                kwargs,
-                num_particles=K,
-                vectorize_particles=vectorize,
-                max_plate_nesting=self.max_plate_nesting,
+                (args, kwargs),
+                K,
                 sleep=sleep,
                 prior=prior,
                 detach_guide=detach_guide,
                 subsample=subsample,
-                enumeration=self._enumeration,
             )
             particles.pairs = map(self.prepare, particles.pairs)  # lazily, pair by pair
             return compute_log_weights(particles, extra)
+
+    def _draw(self, model: Callable, guide: Callable, call: tuple, K: int, **options) -> Particles:
+        """`K` particles in this objective's layout, with what earlier draws showed
+        (the guessed plate nesting, whether the program enumerates)."""
+        args, kwargs = call
+        vectorize = self.vectorize_particles and K > 1
+        if vectorize and self.max_plate_nesting == math.inf:  # guessed once per objective
+            self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
+        return draw_particles(
+            model,
+            guide,
+            args,
+            kwargs,
+            num_particles=K,
+            vectorize_particles=vectorize,
+            max_plate_nesting=self.max_plate_nesting,
+            enumeration=self._enumeration,
+            **options,
+        )
 
     def prepare(self, pair: Pair) -> Pair:
         """A drawn, checked trace pair, before it is reduced: a hook (identity here)."""

@@ -10,7 +10,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 
 from ..contraction import dice_terms
-from ..draw import draw_particles, marked_for_enumeration, plate_nesting
+from ..draw import marked_for_enumeration, plate_nesting
 from ..weights import pair_batch
 from .base import BatchObjective, Losses
 from .jit import JitObjective
@@ -72,18 +72,7 @@ class TraceEnum_ELBO(BatchObjective):
             self.max_plate_nesting = plate_nesting(math.inf, model, guide, args, kwargs)
         K = self.num_particles
         vectorize = self.vectorize_particles and K > 1
-        particles = draw_particles(
-            model,
-            guide,
-            args,
-            kwargs,
-            num_particles=K,
-            vectorize_particles=vectorize,
-            max_plate_nesting=self.max_plate_nesting,
-            # What the first draw showed: later draws skip the plain look-ahead run
-            # (without it every step ran the program twice).
-            enumeration=self._enumeration,
-        )
+        particles = self._draw(model, guide, (args, kwargs), K)
         rows, globals_ = [], []
         for pair in particles.pairs:
             batch = pair_batch(pair)
