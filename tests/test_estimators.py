@@ -342,14 +342,8 @@ def test_tail_adaptive_weights_rank_per_datum_and_its_gradient():
         batchplate.TraceTailAdaptive_ELBO(tail_adaptive_beta=0.5)
 
 
-@pytest.mark.parametrize("layout,vectorize", LAYOUTS)
-def test_rws_dreg_phases_reach_only_their_parameters_and_report_the_standard_values(
-    layout, vectorize
-):
-    """Wake-theta alone moves only the model, phi alone only the guide (the DReG
-    gradient, by hand), and both values are the standard estimator's on the same draws."""
-    N, K = 4, 3
-    x = CONJ.data(N, seed=13).to(F64)
+def model_with_prior_mean(layout, N):
+    """The scale model with a learned prior mean `m` (a model parameter for wake-theta)."""
 
     def model(x):
         m = pyro.param("m", torch.tensor(8.0, dtype=F64))
@@ -361,6 +355,20 @@ def test_rws_dreg_phases_reach_only_their_parameters_and_report_the_standard_val
             for i in batch_plate("data", N):
                 w = pyro.sample(f"w_{i}", dist.Normal(m, CONJ.s))
                 pyro.sample(f"x_{i}", dist.Normal(w, CONJ.t), obs=x[i])
+
+    return model
+
+
+@pytest.mark.parametrize("layout,vectorize", LAYOUTS)
+def test_rws_dreg_phases_reach_only_their_parameters_and_report_the_standard_values(
+    layout, vectorize
+):
+    """Wake-theta alone moves only the model, phi alone only the guide (the DReG
+    gradient, by hand), and both values are the standard estimator's on the same draws."""
+    N, K = 4, 3
+    x = CONJ.data(N, seed=13).to(F64)
+
+    model = model_with_prior_mean(layout, N)
 
     _, guide, _ = per_datum_programs(layout, N, shift=0.4, widen=1.3)
     values = {}
@@ -376,3 +384,67 @@ def test_rws_dreg_phases_reach_only_their_parameters_and_report_the_standard_val
         assert all(g is None or g.abs().max() < 1e-12 for g in leaks), (name, leaks)
         assert g_theta[0].abs().max() > 1e-3 and g_phi[1].abs().max() > 1e-3, name
     assert values["rws-dreg"] == pytest.approx(values["rws"], rel=1e-12)
+
+
+@pytest.mark.parametrize("layout,vectorize", LAYOUTS)
+@pytest.mark.parametrize("insomnia", [1.0, 0.5, 0.0])
+def test_rws_dreg_one_backward_of_the_sum_equals_the_two_losses_own_gradients(
+    layout, vectorize, insomnia
+):
+    """`loss_and_grads` shares the pass through the model between the two losses
+    (only their sum is differentiated); on the same draws its gradients and values
+    must be those of `losses`, whose two losses are each differentiated alone."""
+    N, K = 4, 3
+    x = CONJ.data(N, seed=15).to(F64)
+
+    model = model_with_prior_mean(layout, N)
+
+    _, per_datum_guide, _ = per_datum_programs(layout, N, shift=0.4, widen=1.3)
+
+    def guide(x, observations=None):  # the sleep phase's fantasies: the guide ignores x
+        per_datum_guide(x)
+
+    names = ("m", "loc", "log_scale")
+    kw = dict(num_particles=K, vectorize_particles=vectorize, max_plate_nesting=1)
+    kw.update(estimator="dreg", insomnia=insomnia)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(16)
+    values = batchplate.ReweightedWakeSleep(**kw).loss_and_grads(model, guide, x)
+    fused = [pyro.param(n).unconstrained().grad.clone() for n in names]
+    pyro.clear_param_store()
+    pyro.set_rng_seed(16)
+    theta, phi = batchplate.ReweightedWakeSleep(**kw).losses(model, guide, x)
+    params = [pyro.param(n).unconstrained() for n in names]
+    separate = torch.autograd.grad(theta + phi, params)
+    assert values == pytest.approx((theta.item(), phi.item()), rel=1e-12)
+    for a, b in zip(fused, separate, strict=True):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12), (a, b)
+    assert fused[1].abs().max() > 1e-3 or insomnia == 0
+
+
+OBJECTIVES = [
+    getattr(batchplate, name)
+    for name in batchplate.__all__
+    if isinstance(getattr(batchplate, name), type)
+    and issubclass(getattr(batchplate, name), batchplate.BatchObjective)
+    and name != "BatchObjective"
+]
+
+
+@pytest.mark.parametrize("cls", OBJECTIVES, ids=lambda cls: cls.__name__)
+@pytest.mark.parametrize("estimator", ["stl", "dreg"])
+def test_every_objective_takes_estimator_and_refuses_the_others_with_the_reason(cls, estimator):
+    """`"standard"` everywhere; a name an objective does not take is refused with its
+    reason and the objectives that take it, as both `ValueError` (a refused option)
+    and `TypeError` (what the unknown keyword raised before)."""
+    takers = batchplate.objectives.pathwise.TAKEN_BY[estimator]
+    assert cls(num_particles=2, estimator="standard").estimator == "standard"
+    if cls.__name__ in takers:
+        assert cls(num_particles=2, estimator=estimator).estimator == estimator
+        return
+    with pytest.raises(ValueError) as info:
+        cls(num_particles=2, estimator=estimator)
+    assert isinstance(info.value, TypeError)
+    message = str(info.value)
+    assert f"{cls.__name__} does not support estimator={estimator!r}: " in message
+    assert all(name in message for name in takers), message

@@ -7,10 +7,12 @@ backward, Adam) per call: `RenyiELBO(alpha=0)` against
 `ReweightedWakeSleep(estimator="dreg")`. All four run interleaved in one
 process (`timing.interleaved`); the ratios are paired per round
 (`timing.paired_ratio`). DReG's extra cost is one autograd pass from the log
-weights back to the sampled latents (the density gradients, not the weights');
-RWS-DReG's is one such pass through the model (shared by wake-theta's cut and
-wake-phi's path) and one through the guide's densities only, which stops at the
-latents (`pathwise.rws_dreg_paths`).
+weights back to the sampled latents (the density gradients, not the weights').
+RWS-DReG's step (`loss_and_grads`, one backward pass of the sum of its two
+losses) needs no extra pass through the model: wake-theta's own path to the
+latents, rescaled per particle by a hook, is wake-phi's; its extra cost is one
+pass through the guide's densities only, which stops at the latents
+(`pathwise.rws_dreg_fused`).
 """
 
 from __future__ import annotations

@@ -17,7 +17,14 @@ from ..weights import (
     to_kb,
 )
 from .base import BatchObjective, leave_one_out_mean
-from .pathwise import PathWeights, check_estimator, nonreparam_log_q, through_samples, weigh_paths
+from .pathwise import (
+    ELBO_HAS_NO_DREG,
+    PathWeights,
+    check_estimator,
+    nonreparam_log_q,
+    through_samples,
+    weigh_paths,
+)
 
 
 class Trace_ELBO(BatchObjective):
@@ -50,7 +57,7 @@ class Trace_ELBO(BatchObjective):
     global_latents_allowed = True
 
     def __init__(self, *args, estimator: str = "standard", **kwargs) -> None:
-        self.estimator = check_estimator(estimator, _REFUSED, "Trace_ELBO")
+        self.estimator = check_estimator(estimator, _REFUSED, type(self).__name__)
         super().__init__(*args, **kwargs)
 
     def weigh(self, model, guide, args: tuple, kwargs: dict, **options) -> LogWeights:
@@ -90,12 +97,7 @@ class Trace_ELBO(BatchObjective):
         return value, (pathwise + score_term(weights)).mean(0)
 
 
-_REFUSED = {
-    "dreg": (
-        "the ELBO's weights are the constant 1/K, so there is nothing to doubly "
-        "reparameterize; estimator='stl' is the ELBO's sample-path-only estimator"
-    )
-}
+_REFUSED = {"dreg": f"{ELBO_HAS_NO_DREG}; estimator='stl' is the ELBO's sample-path estimator"}
 
 
 def stl_surrogate(weights: PathWeights) -> torch.Tensor:

@@ -14,6 +14,7 @@ from ..draw import marked_for_enumeration, plate_nesting
 from ..weights import pair_batch
 from .base import BatchObjective, Losses
 from .jit import JitObjective
+from .pathwise import ELBO_HAS_NO_DREG, check_estimator
 
 
 class TraceEnum_ELBO(BatchObjective):
@@ -57,8 +58,10 @@ class TraceEnum_ELBO(BatchObjective):
         num_particles: int = 1,
         max_plate_nesting: float = math.inf,
         strict_enumeration_warning: bool = True,
+        estimator: str = "standard",
         **kwargs,
     ) -> None:
+        self.estimator = check_estimator(estimator, _REFUSED, type(self).__name__)
         super().__init__(
             num_particles=num_particles,
             max_plate_nesting=max_plate_nesting,
@@ -96,6 +99,17 @@ class TraceEnum_ELBO(BatchObjective):
                     stacklevel=4,
                 )
                 self.strict_enumeration_warning = False  # once per objective
+
+
+_REFUSED = {
+    "stl": (
+        "not implemented: its gradient comes from Pyro's contraction of the enumerated "
+        "sites (with Dice factors for sampled discrete ones), which has no per-draw log "
+        "weight to build a sample-path surrogate from; without enumerated sites, "
+        "Trace_ELBO(estimator='stl') is the same objective"
+    ),
+    "dreg": ELBO_HAS_NO_DREG,
+}
 
 
 class JitTraceEnum_ELBO(JitObjective, TraceEnum_ELBO):

@@ -15,6 +15,7 @@ from ..draw import Pair
 from ..plate import BatchInfo, batch_frame
 from ..weights import LogWeights, density_sites, is_reparameterized, reduce_sites, site_log_prob
 from .base import BatchObjective
+from .pathwise import ELBO_HAS_NO_DREG, check_estimator
 
 
 class TraceMeanField_ELBO(BatchObjective):
@@ -49,6 +50,10 @@ class TraceMeanField_ELBO(BatchObjective):
 
     global_latents_allowed = True  # a sum over sites, as the ELBO: G enters once
 
+    def __init__(self, *args, estimator: str = "standard", **kwargs) -> None:
+        self.estimator = check_estimator(estimator, _REFUSED, type(self).__name__)
+        super().__init__(*args, **kwargs)
+
     def weigh(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, **options):
         options.setdefault("extra", kl_correction)
         return super().weigh(model, guide, args, kwargs, **options)
@@ -56,6 +61,17 @@ class TraceMeanField_ELBO(BatchObjective):
     def per_datum(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         value = (weights.log_w + weights.extra).mean(0)
         return value, value
+
+
+_REFUSED = {
+    "stl": (
+        "its sites with a registered KL enter as the exact -KL(q || p), not as a sampled "
+        "log p - log q, so there is no sampled density term for STL to drop, and the "
+        "sampled likelihood's path gradient does not vanish at the posterior; its guides "
+        "are all reparameterized, so Trace_ELBO(estimator='stl') takes the same programs"
+    ),
+    "dreg": ELBO_HAS_NO_DREG,
+}
 
 
 def kl_correction(pair: Pair, batch: BatchInfo, K: int) -> torch.Tensor:

@@ -33,17 +33,50 @@ from .base import BatchObjective
 #: Every estimator name an objective may be given; each objective accepts a subset.
 ESTIMATORS = ("standard", "stl", "dreg")
 
+#: Which objectives take each estimator beyond "standard".
+TAKEN_BY = {
+    "stl": ("Trace_ELBO", "JitTrace_ELBO"),
+    "dreg": ("RenyiELBO", "JitRenyiELBO", "ReweightedWakeSleep"),
+}
+
+
+#: Why an ELBO refuses `"dreg"` (`Trace_ELBO` and every other ELBO form).
+ELBO_HAS_NO_DREG = (
+    "the ELBO's weights are the constant 1/K, so there is nothing to doubly reparameterize"
+)
+
+
+class EstimatorError(ValueError, TypeError):
+    """An `estimator=` an objective refuses: unknown, or not one it supports.
+
+    A `ValueError` like every refused constructor option, and a `TypeError` as
+    Python raises for a keyword a callable does not take: the objectives without
+    a choice of estimator used to refuse the keyword itself.
+    """
+
 
 def check_estimator(estimator: str, refused: dict[str, str], owner: str) -> str:
-    """`estimator` if `owner` supports it; a `ValueError` saying why otherwise.
+    """`estimator` if `owner` supports it; an `EstimatorError` saying why otherwise.
 
-    `refused` maps the names in `ESTIMATORS` that `owner` does not support to the reason.
+    `refused` maps the names in `ESTIMATORS` that `owner` does not support to the
+    reason; the message also names the objectives that do take it.
     """
     if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)}")
+        raise EstimatorError(
+            f"unknown estimator {estimator!r}; known: {', '.join(ESTIMATORS)} ({_takers()})"
+        )
     if estimator in refused:
-        raise ValueError(f"{owner} does not support estimator={estimator!r}: {refused[estimator]}")
+        takers = ", ".join(TAKEN_BY[estimator])
+        raise EstimatorError(
+            f"{owner} does not support estimator={estimator!r}: {refused[estimator]}. "
+            f"estimator={estimator!r} is taken by {takers}; "
+            "see the estimators page of the docs (docs/estimators.md)."
+        )
     return estimator
+
+
+def _takers() -> str:
+    return "; ".join(f"{name!r}: {', '.join(owners)}" for name, owners in TAKEN_BY.items())
 
 
 def _log_prob(site: dict) -> torch.Tensor:
@@ -144,24 +177,31 @@ def path_surrogate(
 
 
 def per_particle(coef: torch.Tensor, grads: list, paths: SamplePaths) -> list:
-    """Each `grads[s]` times `coef[k, b]` on the entries of particle `k` and datum `b`.
+    """Each `grads[s]` times `coef[k, b]` on the entries of particle `k` and datum `b`."""
+    factors = particle_factors(coef, paths, [g is not None for g in grads])
+    return [None if f is None else g * f for g, f in zip(grads, factors, strict=True)]
+
+
+def particle_factors(coef: torch.Tensor, paths: SamplePaths, wanted: list[bool]) -> list:
+    """`coef[k, b]` laid onto the entries of particle `k` and datum `b` of each latent
+    (`None` where not `wanted`), shaped to broadcast against the latent.
 
     The latents come in every layout (particle and batch dims anywhere, one site
     per datum in a sequential plate, one trace per particle); `reduce_sites` is a
     plain sum from a site's log-prob shape to `[K, B]`, so its vector-Jacobian
     product with `coef` places `coef[k, b]` on exactly the entries of `(k, b)`.
     """
-    scaled = []
-    for g, (site, batch, K, row) in zip(grads, paths.layouts, strict=True):
-        if g is None:
-            scaled.append(None)
+    factors = []
+    for want, z, (site, batch, K, row) in zip(wanted, paths.latents, paths.layouts, strict=True):
+        if not want:
+            factors.append(None)
             continue
         with torch.enable_grad():
             u = torch.zeros_like(site["log_prob"], requires_grad=True)
             kb = reduce_sites([site], batch, K, lambda _, u=u: u)
             (c,) = torch.autograd.grad(kb, u, grad_outputs=coef[row : row + K].expand_as(kb))
-        scaled.append(g * c.reshape(c.shape + (1,) * (g.dim() - c.dim())))  # event dims
-    return scaled
+        factors.append(c.reshape(c.shape + (1,) * (z.dim() - c.dim())))  # event dims
+    return factors
 
 
 def _check_no_latent_paths(latents: list[torch.Tensor]) -> None:
@@ -249,3 +289,31 @@ def _minus(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | Non
     if b is None:
         return a
     return -b if a is None else a - b
+
+
+def rws_dreg_fused(weights: PathWeights, normalized: torch.Tensor, insomnia: float) -> torch.Tensor:
+    """`[B]` zero-valued surrogate for wake-theta that makes the gradient of the
+    **sum** `wake_theta + phi` RWS-DReG's, with no pass through the model but the
+    backward pass itself (`rws_dreg_paths` is the form whose two losses are right
+    one by one; this one serves `loss_and_grads`, which backpropagates the sum).
+
+    Wake-theta, its draws not cut, sends `w~_k d log p_k / dz_k` to each draw and
+    the model's gradient to the model. A hook on each draw scales what arrives by
+    `insomnia (1 - w~_k)` per particle (`log p[k, b]` depends on `z_b^k` only), which
+    turns it into `insomnia (w~_k - w~_k^2) d log p_k / dz_k`, wake-phi's model part
+    times its mixing weight; the surrogate adds `-w~_k d log q_k / dz_k` at the draws
+    (a product through the guide's densities only, which stops at the draws), which
+    the hook turns into the guide density's part. Only valid without
+    non-reparameterized guide sites, whose densities may also reach the draws.
+    """
+    paths = weights.paths
+    if insomnia > 0:
+        density = path_grads(normalized * weights.log_q, paths)
+    else:  # the hook's factor is zero: wake-theta's path to the guide is cut
+        density = [None] * len(paths.latents)
+    wanted = [z.requires_grad for z in paths.latents]
+    factors = particle_factors(insomnia * (1 - normalized), paths, wanted)
+    for z, f in zip(paths.latents, factors, strict=True):
+        if f is not None:
+            z.register_hook(lambda g, f=f: g * f)
+    return path_surrogate([None if g is None else -g for g in density], paths, normalized)

@@ -47,7 +47,7 @@ class RenyiELBO(BatchObjective):
         self, alpha: float = 0, num_particles: int = 2, estimator: str = "standard", **kwargs
     ) -> None:
         self.alpha = check_alpha(alpha)
-        self.estimator = check_estimator(estimator, _REFUSED, "RenyiELBO")
+        self.estimator = check_estimator(estimator, _REFUSED, type(self).__name__)
         super().__init__(num_particles=num_particles, **kwargs)
 
     def weigh(self, model, guide, args: tuple, kwargs: dict, **options) -> LogWeights:

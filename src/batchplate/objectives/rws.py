@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from pyro.util import warn_if_nan
@@ -17,6 +18,7 @@ from .pathwise import (
     PathWeights,
     check_estimator,
     nonreparam_log_q,
+    rws_dreg_fused,
     rws_dreg_paths,
     weigh_paths,
 )
@@ -74,7 +76,7 @@ class ReweightedWakeSleep(BatchObjective):
         defensive: float = 0.0,
         **kwargs,
     ) -> None:
-        self.estimator = check_estimator(estimator, _REFUSED, "ReweightedWakeSleep")
+        self.estimator = check_estimator(estimator, _REFUSED, type(self).__name__)
         self.defensive = check_defensive(defensive, self.estimator, insomnia)
         if isinstance(num_particles, bool) or not (
             isinstance(num_particles, int) and num_particles >= 2
@@ -90,6 +92,7 @@ class ReweightedWakeSleep(BatchObjective):
         )
         self.insomnia = insomnia
         self.model_has_params = model_has_params
+        self._sum_only = False  # set while only the sum of the two losses is differentiated
         self.num_sleep_particles = (
             num_particles
             if num_sleep_particles is None
@@ -168,7 +171,13 @@ class ReweightedWakeSleep(BatchObjective):
         normalized = torch.softmax(log_w.detach(), dim=0)
         theta = torch.logsumexp(log_w, 0) - math.log(K)
         paths = None
-        if self.estimator == "dreg":  # the draws carry the guide's graph: cut it here
+        if self.estimator == "dreg" and self._sum_only and weights.score_log_q is None:
+            # Only the sum is differentiated: wake-theta's own path to the draws,
+            # rescaled, is wake-phi's (see rws_dreg_fused); phi keeps no path.
+            fused = rws_dreg_fused(weights, normalized, self.insomnia)
+            theta = theta + (fused - fused.detach())  # the value stays wake-theta's
+            paths = torch.zeros_like(theta)
+        elif self.estimator == "dreg":  # the draws carry the guide's graph: cut it here
             cut, paths = rws_dreg_paths(weights, normalized, wake_phi=self.insomnia > 0)
             theta = theta + (cut - cut.detach())  # the value stays wake-theta's
         wake_theta = -self.reduce(theta, weights.batch)
@@ -217,9 +226,30 @@ class ReweightedWakeSleep(BatchObjective):
         """`wake_theta_loss + phi_loss` as one tensor, for plain PyTorch loops.
 
         Its gradient is the wake-theta gradient for model parameters and the phi
-        gradient for guide parameters. Use `losses` for the two values.
+        gradient for guide parameters. Use `losses` for the two values (each with
+        its own gradient: with `estimator="dreg"` that costs one more pass through
+        the model, which the sum does not need).
         """
-        return self.local_losses(model, guide, *args, **kwargs).total()
+        with self._sum_only_differentiated():
+            return self.local_losses(model, guide, *args, **kwargs).total()
+
+    def loss_and_grads(self, model: Callable, guide: Callable, *args, **kwargs):
+        """`(wake_theta_loss, phi_loss)` as floats; accumulates the wake-theta
+        gradient into the model's parameters and the phi gradient into the guide's
+        (one backward pass of their sum; atomic, see `BatchObjective.loss_and_grads`).
+        """
+        with self._sum_only_differentiated():
+            return super().loss_and_grads(model, guide, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _sum_only_differentiated(self) -> Iterator[None]:
+        """While only the sum of the losses is differentiated, RWS-DReG may let the
+        two share the pass through the model (`pathwise.rws_dreg_fused`)."""
+        self._sum_only = True
+        try:
+            yield
+        finally:
+            self._sum_only = False
 
 
 _REFUSED = {

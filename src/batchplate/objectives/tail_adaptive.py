@@ -9,6 +9,7 @@ import torch
 from ..errors import BatchPlateError
 from ..weights import LogWeights
 from .base import BatchObjective
+from .pathwise import check_estimator
 
 
 class TraceTailAdaptive_ELBO(BatchObjective):
@@ -40,7 +41,14 @@ class TraceTailAdaptive_ELBO(BatchObjective):
     :param tail_adaptive_beta: the exponent $\beta$, in `[-1, 0)` (Pyro's default `-1`).
     """
 
-    def __init__(self, num_particles: int = 2, tail_adaptive_beta: float = -1.0, **kwargs) -> None:
+    def __init__(
+        self,
+        num_particles: int = 2,
+        tail_adaptive_beta: float = -1.0,
+        estimator: str = "standard",
+        **kwargs,
+    ) -> None:
+        self.estimator = check_estimator(estimator, _REFUSED, type(self).__name__)
         if not (isinstance(tail_adaptive_beta, int | float) and -1.0 <= tail_adaptive_beta < 0.0):
             raise ValueError(f"tail_adaptive_beta must be in [-1, 0), got {tail_adaptive_beta!r}")
         super().__init__(num_particles=num_particles, **kwargs)
@@ -61,6 +69,14 @@ class TraceTailAdaptive_ELBO(BatchObjective):
         log_w = weights.log_w
         gamma = tail_weights(log_w.detach(), self.tail_adaptive_beta)
         return log_w.mean(0), (gamma * log_w).sum(0) / gamma.sum(0)
+
+
+_REFUSED = dict.fromkeys(
+    ("stl", "dreg"),
+    "its gradient sum_k gamma_k grad l_k / sum_k gamma_k already follows each draw's "
+    "path, weighted by ranks that depend on the draws: dropping the density term would "
+    "be biased (as for IWAE), and no doubly reparameterized form of it is derived here",
+)
 
 
 def tail_weights(log_w: torch.Tensor, beta: float) -> torch.Tensor:

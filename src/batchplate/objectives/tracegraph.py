@@ -22,6 +22,7 @@ from ..weights import (
 )
 from .base import BatchObjective
 from .baseline import baseline
+from .pathwise import ELBO_HAS_NO_DREG, check_estimator
 
 #: The trace-node key where `TraceGraph_ELBO.prepare` keeps the names of the
 #: non-reparameterized guide sites a log density depends on (its provenance).
@@ -65,6 +66,10 @@ class TraceGraph_ELBO(BatchObjective):
     # score-function one is refused in graph_surrogate.
     global_latents_allowed = True
 
+    def __init__(self, *args, estimator: str = "standard", **kwargs) -> None:
+        self.estimator = check_estimator(estimator, _REFUSED, type(self).__name__)
+        super().__init__(*args, **kwargs)
+
     def weigh(self, model: Callable, guide: Callable, args: tuple, kwargs: dict, **options):
         options.setdefault("extra", graph_surrogate)
         # Outermost, as in Pyro: its hook tags a sampled value before the trace copies it.
@@ -89,6 +94,16 @@ class TraceGraph_ELBO(BatchObjective):
         if weights.extra is None:
             return log_w.mean(0), log_w.mean(0)
         return log_w.mean(0), (log_w + detach_provenance(weights.extra)).mean(0)
+
+
+_REFUSED = {
+    "stl": (
+        "not implemented: TraceGraph_ELBO differs from Trace_ELBO only in its "
+        "score-function sites (downstream costs, baselines), which STL leaves as they are; "
+        "for STL on the reparameterized sites use Trace_ELBO(estimator='stl')"
+    ),
+    "dreg": ELBO_HAS_NO_DREG,
+}
 
 
 def graph_surrogate(pair: Pair, batch: BatchInfo, K: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from ..weights import LogWeights
 from .base import BatchObjective, leave_one_out_mean
+from .pathwise import check_estimator
 
 
 def leave_one_out_bounds(log_w: torch.Tensor) -> torch.Tensor:
@@ -37,7 +38,8 @@ class VIMCO(BatchObjective):
     objectives*, ICML.
     """
 
-    def __init__(self, num_particles: int = 2, **kwargs) -> None:
+    def __init__(self, num_particles: int = 2, estimator: str = "standard", **kwargs) -> None:
+        self.estimator = check_estimator(estimator, _REFUSED, type(self).__name__)
         if not (isinstance(num_particles, int) and num_particles >= 2):
             raise ValueError(f"VIMCO needs num_particles >= 2, got {num_particles!r}")
         super().__init__(num_particles=num_particles, **kwargs)
@@ -50,3 +52,17 @@ class VIMCO(BatchObjective):
         # .detach(), not torch.no_grad(): a traced (Jit) step does not record no_grad.
         signal = (bound.unsqueeze(0) - leave_one_out_bounds(weights.log_w)).detach()
         return bound, bound + (signal * weights.score_log_q).sum(0)
+
+
+_REFUSED = {
+    "stl": (
+        "it is biased for the IWAE bound: the dropped term sum_k w~[k, b] grad log q(z_b^k) "
+        "has weights that depend on z"
+    ),
+    "dreg": (
+        "VIMCO's own part is the leave-one-out baseline of the score-function sites, which "
+        "DReG does not change, and the two are not combined here; for DReG on the "
+        "reparameterized sites use RenyiELBO(alpha=0, estimator='dreg'), the same bound "
+        "with a plain per-datum score term for the other sites"
+    ),
+}
