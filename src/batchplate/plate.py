@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pyro.poutine.indep_messenger import CondIndepStackFrame, IndepMessenger
+from pyro.poutine.indep_messenger import CondIndepStackFrame
 from pyro.poutine.runtime import get_plates
 from pyro.primitives import plate
 
@@ -25,8 +25,9 @@ from .errors import BatchPlateError
 # Set by `batchplate.autobatch` while its lanes run; a hook, not an import, so
 # the plate does not depend on autobatch. In a lane, `hook.position(plate)` is
 # `(position of the lane's datum, its index, context marking the lane inside its plate)`
-# and `hook.minibatch(name, size, subsample_size, subsample)` the shared
-# `(B, indices)`; outside lanes both return `None`.
+# and `hook.plate_state(name, size, subsample_size, subsample, dim, device)` the
+# plate's checked attributes, shared by the lanes (minibatch included); outside
+# lanes both return `None`.
 _lane_hook: list[Any] = []
 
 
@@ -128,7 +129,7 @@ def check_subsample(name: str, size: int, subsample: torch.Tensor) -> None:
         )
 
 
-def _check_sizes(
+def check_sizes(
     name: str, size: object, subsample_size: object, subsample: torch.Tensor | None
 ) -> None:
     """Refuse sizes Pyro would turn into a `ZeroDivisionError`, a misleading
@@ -192,18 +193,16 @@ class batch_plate(plate):
                 f"batch_plate('{name}') needs a size: the number of data N in the dataset "
                 "(or in the minibatch, when not subsampling)."
             )
-        _check_sizes(name, size, subsample_size, subsample)
         if isinstance(device, torch.device):
             device = str(device)
-        minibatch = (
-            _lane_hook[0].minibatch(name, size, subsample_size, subsample) if _lane_hook else None
-        )
-        if minibatch is not None:
-            # An autobatch lane: every lane builds the plate, so skip Pyro's
-            # subsample message; the lanes share one minibatch through the hook.
-            IndepMessenger.__init__(self, name, size, dim, device)
-            self.subsample_size, self._indices = minibatch
-            return
+        if _lane_hook:
+            state = _lane_hook[0].plate_state(name, size, subsample_size, subsample, dim, device)
+            if state is not None:
+                # An autobatch lane: every lane builds the plate, so the lanes share
+                # one checked state (and one minibatch) without Pyro's subsample message.
+                self.__dict__.update(state)
+                return
+        check_sizes(name, size, subsample_size, subsample)
         super().__init__(name, size, subsample_size, subsample, dim, device=device)
 
     def __enter__(self) -> Any:

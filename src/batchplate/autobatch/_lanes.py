@@ -19,18 +19,22 @@ modules registered with `pyro.module` become requests too (`ModuleProxy`).
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from typing import Any
 
 import pyro
 import torch
 from greenlet import getcurrent, greenlet
+from pyro.distributions.distribution import COERCIONS
 from pyro.infer.util import site_is_subsample
+from pyro.poutine.indep_messenger import IndepMessenger
 from pyro.poutine.messenger import Messenger
 from torch.distributions import Distribution
 
 from ..errors import BatchPlateError
-from ..plate import BatchFrame, set_lane_hook
+from ..plate import BatchFrame, check_sizes, set_lane_hook
+from ._construct import lane_distribution
 
 
 def pyro_global_stacks() -> tuple[list, list]:
@@ -50,34 +54,28 @@ def pyro_global_stacks() -> tuple[list, list]:
 HANDLERS, DIMS = pyro_global_stacks()
 
 
-class Lane(greenlet):
-    """One execution of the program for particle `k` and datum `b`.
+class Lane:
+    """One execution of the program for particle `k` and datum `b`, run by a `Worker`."""
 
-    `run` (greenlet's entry point) runs the phase's program with the lane's
-    keyword arguments on the phase's base handler stack.
-    """
+    # Until the lane reaches its batch plate (class defaults: a lane is built
+    # per datum and particle, so every assignment saved counts).
+    plate_name: str | None = None
+    frame: BatchFrame | None = None  # the batch plate's frame at this lane's datum
+    plate_scale = (1, 1)  # (N, B): Pyro's subsampling scale is N / B
+    unit_scale = 1.0  # a site's scale without handlers of its own: 1.0 * N / B
+    in_plate = False
+    broke = False  # its loop over the batch plate ended early (break, return)
+    sites = 0
+    worker: Worker | None = None  # once started
+    done = False
+    answer: Any = None  # the scheduler's answer to its request, read when it resumes
 
     def __init__(self, phase: Any, k: int, b: int, index: int, kwargs: dict) -> None:
         # `phase`: the `_phase.Phase` running this lane (not imported: it imports us).
-        super().__init__(parent=phase.scheduler)
         self.phase, self.k, self.b, self.kwargs = phase, k, b, kwargs
         self.index = index  # flat position `k * B + b` in the `[K, B]` weights
-        self.plate_name: str | None = None
-        self.frame: BatchFrame | None = None  # the batch plate's frame at this lane's datum
-        self.plate_scale = (1, 1)  # (N, B): Pyro's subsampling scale is N / B
-        self.unit_scale = 1.0  # a site's scale without handlers of its own: 1.0 * N / B
-        self.in_plate = False
-        self.broke = False  # its loop over the batch plate ended early (break, return)
-        self.base_len = 0  # handlers below the lane's own: the caller's and LaneMessenger
-        self.sites = 0
-
-    def run(self, *_: object) -> None:  # started by `switch(None)`
-        phase = self.phase
-        HANDLERS[:] = phase.base
-        DIMS[:] = phase.dims
-        self.base_len = len(phase.base)
-        phase.spec.program(*phase.spec.args, **self.kwargs)
-        phase.finished(self)
+        self.base_len = phase.base_len  # handlers below the lane's own: the caller's, ours
+        self.values: dict[str, Any] = {}  # site name -> value (`Phase.values[index]`)
 
     def __enter__(self) -> Lane:  # the body of the batch plate's loop
         self.in_plate = True
@@ -96,21 +94,91 @@ class Lane(greenlet):
         return scale * size / subsample_size
 
     def suspend(self, request: Any) -> Any:
-        """Hand `request` to the scheduler; return what it answers."""
-        mine, dims = HANDLERS[:], DIMS[:]
-        try:
-            return self.parent.switch(request)
-        finally:  # also when the scheduler ends the lane (GreenletExit)
-            HANDLERS[:] = mine
-            DIMS[:] = dims
+        """Hand `request` to the phase and run the round's next lane; return the
+        answer this lane gets when it is resumed.
+
+        Lanes hand over to each other directly (one switch per site, not two
+        through the scheduler; `Phase.hand_over`, inlined for the common case:
+        this runs once per site). Whoever runs next finds the phase's base
+        stack: a lane with handlers of its own keeps them aside meanwhile.
+        """
+        phase = self.phase
+        phase.pending.append((self, request))
+        if len(HANDLERS) == self.base_len:
+            runnable, position = phase.runnable, phase.position
+            if position < len(runnable):
+                lane = runnable[position]
+                if lane.worker is not None:
+                    phase.position = position + 1
+                    lane.worker.switch()
+                else:
+                    phase.hand_over(lane_running=True)
+            else:
+                phase.scheduler.switch()
+        else:
+            mine, dims = HANDLERS[:], DIMS[:]
+            HANDLERS[:], DIMS[:] = phase.base, phase.dims
+            try:
+                phase.hand_over(lane_running=True)
+            finally:  # also when the scheduler ends the lane (GreenletExit)
+                HANDLERS[:] = mine
+                DIMS[:] = dims
+        answer, self.answer = self.answer, None
+        return answer
 
     def __repr__(self) -> str:
         return f"lane(k={self.k}, b={self.b})"
 
 
+class Worker(greenlet):
+    """A greenlet that runs lanes, one after another.
+
+    Starting and ending a greenlet costs about 5 us, a third of a lane's whole
+    overhead, so workers are kept (per thread, `pool()`) and reused: a worker
+    whose lane has finished runs the round's next lane if it has not started,
+    or parks in the pool until a phase hands it a lane to start. A parked
+    worker's frame holds nothing of the phase (answers travel on the lanes).
+    """
+
+    lane: Lane | None = None
+
+    def run(self, lane: Lane) -> None:  # started by the scheduler, `switch(lane)`
+        while lane is not None:
+            self.lane = lane
+            lane.worker = self
+            phase = lane.phase
+            phase.spec.program(*phase.spec.args, **lane.kwargs)
+            lane.done = True
+            self.lane = None
+            target = phase.after(lane)
+            if type(target) is Lane:
+                lane = target
+            else:
+                phase = lane = None
+                lane = _park(self, target)
+
+
+def _park(worker: Worker, target: greenlet) -> Lane | None:
+    """Park `worker` in the pool and switch to `target`; return the lane it is
+    resumed with, or `None` to end it."""
+    pool().append(worker)
+    return target.switch()
+
+
+_local = threading.local()
+
+
+def pool() -> list[Worker]:
+    """This thread's parked workers (greenlets cannot change threads)."""
+    workers = getattr(_local, "pool", None)
+    if workers is None:
+        workers = _local.pool = []
+    return workers
+
+
 def current_lane() -> Lane | None:
-    lane = getcurrent()
-    return lane if isinstance(lane, Lane) else None
+    worker = getcurrent()
+    return worker.lane if type(worker) is Worker else None
 
 
 class LaneMessenger(Messenger):
@@ -209,6 +277,8 @@ class Shared:
         self.unbatchable: set = set()
         self.validate = False  # the caller's distribution validation, for stacked distributions
         self.index_lists: dict[int, tuple[torch.Tensor, list]] = {}
+        self.plate_states: dict[tuple, tuple[Any, dict]] = {}
+        self.plate_entries: dict[tuple, PlateEntry] = {}
         self.computed: dict[tuple, tuple] = {}  # `once`
 
     def subsample_indices(self, msg: dict) -> Any:
@@ -246,6 +316,35 @@ class Shared:
             cached = self.index_lists[id(indices)] = (indices, indices.tolist())
         return cached[1][position]
 
+    def plate_state(
+        self,
+        name: str,
+        size: int,
+        subsample_size: int | None,
+        subsample: Any,
+        dim: int | None,
+        device: str | None,
+    ) -> dict:
+        """A batch plate's attributes, as Pyro's constructor would set them, checked and
+        built once per draw and argument set (the minibatch drawn once)."""
+        key = (name, size, subsample_size, dim, device, id(subsample))
+        found = self.plate_states.get(key)
+        if found is None or found[0] is not subsample:  # kept alive: its id stays its own
+            check_sizes(name, size, subsample_size, subsample)
+            batch, indices = self.minibatch(name, size, subsample_size, subsample)
+            state = dict(vars(IndepMessenger(name, size, dim, device)))
+            state.update(subsample_size=batch, _indices=indices)
+            found = self.plate_states[key] = (subsample, state)
+        return found[1]
+
+    def plate_entry(self, name: str, size: int, subsample_size: int) -> PlateEntry:
+        """The frames and scales of a batch plate reached by lanes, once per draw."""
+        key = (name, size, subsample_size)
+        entry = self.plate_entries.get(key)
+        if entry is None:
+            entry = self.plate_entries[key] = PlateEntry(name, size, subsample_size)
+        return entry
+
     def once(self, fn: Callable, args: tuple, kwargs: dict) -> Any:
         """`fn(*args, **kwargs)`, computed by the first lane that asks, shared by the
         lanes that ask with the same function and the same argument objects."""
@@ -267,6 +366,21 @@ class Shared:
             _PYRO_MODULE(name, nn_module, update_module_params)
             self.modules[key] = ModuleProxy(nn_module, name)
         return self.modules[key]
+
+
+class PlateEntry:
+    """A batch plate as its lanes see it: one frame per datum and the site scale."""
+
+    __slots__ = ("size", "full_size", "frames", "scale", "unit_scale")
+
+    def __init__(self, name: str, full_size: int, size: int) -> None:
+        self.size, self.full_size = size, full_size
+        self.frames = [
+            BatchFrame(name=name, dim=None, size=size, counter=b + 1, full_size=full_size)
+            for b in range(size)
+        ]
+        self.scale = (full_size, size)  # (N, B): Pyro's subsampling scale is N / B
+        self.unit_scale = 1.0 * full_size / size  # as `Lane.site_scale(1.0)`
 
 
 def _identity(value: Any) -> Any:
@@ -311,10 +425,12 @@ def lane_sample(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     plate's, known to the lane. Anything else takes Pyro's path, at the end of
     which `LaneMessenger` suspends the lane all the same.
     """
-    lane = getcurrent()
+    worker = getcurrent()
+    if type(worker) is not Worker:
+        return _PYRO_SAMPLE(name, fn, *args, **kwargs)
+    lane = worker.lane
     if (
-        type(lane) is not Lane
-        or args
+        args
         or not lane.in_plate
         or len(HANDLERS) != lane.base_len
         or (kwargs and not kwargs.keys() <= _FAST_KEYWORDS)
@@ -371,11 +487,13 @@ class installed:
         self.validate = Distribution._validate_args
         shared.validate = self.validate
         Distribution.set_default_validate_args(False)
+        COERCIONS.insert(0, lane_distribution)
         return self
 
     def __exit__(self, *exc: object) -> None:
         pyro.module, pyro.sample, pyro.param = _PYRO_MODULE, _PYRO_SAMPLE, _PYRO_PARAM
         set_lane_hook(None)
+        COERCIONS.remove(lane_distribution)
         Distribution.set_default_validate_args(self.validate)
 
 
@@ -392,9 +510,15 @@ class _PlateHook:
         position = lane.phase.enter_plate(lane, plate)
         return position, self.shared.index_at(plate.indices, position), lane
 
-    def minibatch(
-        self, name: str, size: int, subsample_size: int | None, subsample: Any
-    ) -> tuple[int, Any] | None:
+    def plate_state(
+        self,
+        name: str,
+        size: int,
+        subsample_size: int | None,
+        subsample: Any,
+        dim: int | None,
+        device: str | None,
+    ) -> dict | None:
         if current_lane() is None:
             return None
-        return self.shared.minibatch(name, size, subsample_size, subsample)
+        return self.shared.plate_state(name, size, subsample_size, subsample, dim, device)

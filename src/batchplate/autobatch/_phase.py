@@ -19,7 +19,17 @@ from greenlet import getcurrent
 from ..errors import BatchPlateError
 from ..plate import BatchFrame, BatchInfo
 from ..validation import GLOBAL_LATENT_HINT
-from ._lanes import DIMS, HANDLERS, Call, Lane, LaneMessenger, Shared
+from ._lanes import (
+    DIMS,
+    HANDLERS,
+    Call,
+    Lane,
+    LaneMessenger,
+    PlateEntry,
+    Shared,
+    Worker,
+    pool,
+)
 from ._stack import (
     as_lane_tensor,
     build,
@@ -70,16 +80,21 @@ class Phase:
     shared: Shared
     scheduler: Any = field(default_factory=getcurrent)
     lanes: list[Lane] = field(default_factory=list)
-    runnable: list = field(default_factory=list)
+    runnable: list = field(default_factory=list)  # this round's lanes, answers on them
+    pending: list = field(default_factory=list)  # this round's `(lane, request)`s
+    position: int = 0  # the next of `runnable` to resume
     terms: Terms = field(default_factory=list)
     score_terms: Terms = field(default_factory=list)
     names: list[tuple[list[int], list[str], torch.Tensor]] = field(default_factory=list)
     values: dict[int, dict[str, Any]] = field(default_factory=dict)
     observed: dict[int, dict[str, Any]] = field(default_factory=dict)
     taken: dict[tuple[int, str], int] = field(default_factory=dict)  # (k, site) -> datum
-    frame: BatchFrame | None = None
+    frame: BatchFrame | None = None  # the batch plate's (its first datum's)
+    plate: PlateEntry | None = None
     base: list = field(default_factory=list)  # every lane's handler stack when it starts
     dims: list = field(default_factory=list)  # and its plate-dim allocator's
+    base_len: int = 0
+    pool: list = field(default_factory=list)  # parked workers (`_lanes.pool()`)
 
     # -- lanes -----------------------------------------------------------------
 
@@ -87,20 +102,19 @@ class Phase:
         """Run every lane to its end, round by round."""
         outer, dims = HANDLERS[:], DIMS[:]
         self.base, self.dims = outer + [LaneMessenger(self.shared)], dims
+        self.base_len = len(self.base)
+        self.pool = pool()
+        HANDLERS[:] = self.base  # every lane starts and resumes on it (`Lane.suspend`)
         if self.B is None:  # the first lane finds B at the batch plate and spawns the rest
             self._spawn(0, 0)
         else:
             self._spawn_all()
         try:
             while self.runnable:
-                pending, i, runnable = [], 0, self.runnable
-                while i < len(runnable):  # lanes spawned in this round join it
-                    lane, answer = runnable[i]
-                    i += 1
-                    request = lane.switch(answer)
-                    if not lane.dead:
-                        pending.append((lane, request))
-                self.runnable = self._execute(pending)
+                self.pending, self.position = [], 0
+                while self.position < len(self.runnable):  # lanes spawned in a round join it
+                    self.hand_over()  # returns when a lane ends or the round's last suspends
+                self.runnable = self._execute(self.pending)
         except BaseException:
             self._end_lanes()
             raise
@@ -111,26 +125,66 @@ class Phase:
         self.lanes = []  # lanes refer to their phase: no cycle left for the collector
         return self
 
+    def hand_over(self, lane_running: bool = False) -> None:
+        """Resume the round's next lane, or the scheduler after the last.
+
+        A lane that has not started is started by a parked worker, or by a new
+        one that the scheduler starts: a greenlet starts at its starter's
+        recursion depth, so workers started by lanes would stack their depths
+        up to Python's limit.
+        """
+        runnable, position = self.runnable, self.position
+        if position < len(runnable):
+            lane = runnable[position]
+            if lane.worker is not None:
+                self.position = position + 1
+                lane.worker.switch()
+                return
+            if self.pool or not lane_running:
+                self.position = position + 1
+                worker = self.pool.pop() if self.pool else Worker(parent=self.scheduler)
+                if worker.parent is not self.scheduler:
+                    worker.parent = self.scheduler  # where a lane's exception goes
+                worker.switch(lane)
+                return
+        self.scheduler.switch()
+
+    def after(self, lane: Lane) -> Lane | Any:
+        """A lane has returned: the round's next lane if its worker can start it, else
+        the greenlet its worker hands over to before parking."""
+        if lane.broke:
+            self.finished(lane)
+        if len(HANDLERS) != self.base_len:  # a handler the program left open is not the next's
+            HANDLERS[:], DIMS[:] = self.base, self.dims
+        runnable, position = self.runnable, self.position
+        if position < len(runnable):
+            lane = runnable[position]
+            self.position = position + 1
+            return lane if lane.worker is None else lane.worker
+        return self.scheduler
+
     def _spawn(self, k: int, b: int) -> None:
         spec = self.spec
         kwargs = spec.kwargs if spec.kwargs_of is None else spec.kwargs_of(k)
         lane = Lane(self, k, b, k * (self.B or 1) + b, kwargs)
+        self.values[lane.index] = lane.values
         self.lanes.append(lane)
-        self.runnable.append((lane, None))
+        self.runnable.append(lane)
 
     def _spawn_all(self) -> None:
         """Every lane but `(0, 0)`'s, which may be running (it found `B`)."""
-        spec, B, lanes, runnable = self.spec, self.B, self.lanes, self.runnable
+        spec, B, lanes, runnable, values = self.spec, self.B, self.lanes, self.runnable, self.values
         for k in range(self.K):
             kwargs = spec.kwargs if spec.kwargs_of is None else spec.kwargs_of(k)
             for b in range(B):
                 if k or b or not lanes:
                     lane = Lane(self, k, b, k * B + b, kwargs)
+                    values[lane.index] = lane.values
                     lanes.append(lane)
-                    runnable.append((lane, None))
+                    runnable.append(lane)
 
     def finished(self, lane: Lane) -> None:
-        """A lane's program returned: had its batch plate's loop ended early?"""
+        """A lane whose batch plate's loop ended early has returned."""
         if lane.broke and lane.b < self.B - 1:
             raise BatchPlateError(
                 f"the {self.spec.role}'s loop over batch_plate('{lane.plate_name}') ended at "
@@ -140,11 +194,13 @@ class Phase:
             )
 
     def _end_lanes(self) -> None:
-        """End suspended lanes in their own stacks, so their `with` blocks unwind there."""
+        """End suspended lanes in their own stacks, so their `with` blocks unwind there
+        (their workers end with them)."""
         for lane in self.lanes:
-            if lane and not lane.dead:
+            worker = lane.worker
+            if worker is not None and not lane.done and not worker.dead:
                 try:
-                    lane.throw()
+                    worker.throw()
                 except BaseException:  # noqa: BLE001 - ending, whatever the lane raises
                     pass
 
@@ -160,40 +216,34 @@ class Phase:
                 f"batch_plate('{plate.name}') is nested inside batch_plate('{lane.plate_name}'): "
                 "a program has exactly one batch plate; use pyro.plate inside a datum."
             )
+        entry = self.shared.plate_entry(plate.name, plate.size, plate.subsample_size)
+        if entry is not self.plate:
+            self._plate_reached(entry, lane)
         lane.plate_name = plate.name
-        size = plate.subsample_size
-        lane.plate_scale = (plate.size, size)
-        lane.unit_scale = lane.site_scale(1.0)
-        lane.frame = BatchFrame(
-            name=plate.name, dim=None, size=size, counter=lane.b + 1, full_size=plate.size
-        )
-        if self.B is None:
-            self.B = size
-            self._spawn_all()
-        elif size != self.B:
-            raise BatchPlateError(
-                f"the {self.spec.role}'s batch_plate('{plate.name}') has {size} data where the "
-                f"other program's has {self.B}: model and guide disagree on the batch plate."
-            )
-        self._check_frame(lane.frame)
+        lane.plate_scale, lane.unit_scale = entry.scale, entry.unit_scale
+        lane.frame = entry.frames[lane.b]
         return lane.b
 
-    # -- checks ---------------------------------------------------------------
-
-    def _check_frame(self, frame: BatchFrame) -> None:
-        """One batch plate for all lanes."""
-        if self.frame is None:
-            self.frame = frame
-        elif (frame.name, frame.size, frame.full_size) != (
-            self.frame.name,
-            self.frame.size,
-            self.frame.full_size,
-        ):
+    def _plate_reached(self, entry: PlateEntry, lane: Lane) -> None:
+        """The phase's first lane at its batch plate finds `B`; any other plate is an error."""
+        frame = entry.frames[0]
+        if self.B is None:
+            self.B = entry.size
+            self._spawn_all()
+        elif entry.size != self.B:
+            raise BatchPlateError(
+                f"the {self.spec.role}'s batch_plate('{frame.name}') has {entry.size} data where "
+                f"the other program's has {self.B}: model and guide disagree on the batch plate."
+            )
+        if self.plate is not None:
             raise BatchPlateError(
                 f"the {self.spec.role} has batch plate '{frame.name}' (size {frame.size}) at "
-                f"datum {frame.datum}, '{self.frame.name}' (size {self.frame.size}) at other "
+                f"datum {lane.b}, '{self.frame.name}' (size {self.frame.size}) at other "
                 "data: a program has exactly one batch plate."
             )
+        self.plate, self.frame = entry, frame
+
+    # -- checks ---------------------------------------------------------------
 
     def check_site(self, lane: Lane, name: str) -> None:
         """Site names unique within a particle (the lane's plate was checked on entry)."""
@@ -254,7 +304,7 @@ class Phase:
                 groups[key] = [item]
             else:
                 group.append(item)
-        answers = []
+        answered = []
         for key, items in groups.items():
             if key[0] == "call":
                 outputs = self._calls(key, items)
@@ -262,8 +312,10 @@ class Phase:
                 outputs = [self._lane_site(item) for item in items]
             else:
                 outputs = self._sites(key, items)
-            answers.extend(zip([item[0] for item in items], outputs, strict=True))
-        return answers
+            for item, output in zip(items, outputs, strict=True):
+                item[0].answer = output
+                answered.append(item[0])
+        return answered
 
     def _given(self, lane: Lane, msg: dict) -> tuple[str, Any]:
         """`(source, value)`: an observation, the lane's replayed value, or a draw (`None`)."""
@@ -332,14 +384,10 @@ class Phase:
     def _keep(self, items: list, views: list) -> None:
         """Remember the lanes' values, for the next phase's replay and the sleep's
         observations."""
-        values, observed = self.values, self.observed
         for (lane, msg, _, _), view in zip(items, views, strict=True):
-            lane_values = values.get(lane.index)
-            if lane_values is None:
-                lane_values = values[lane.index] = {}
-            lane_values[msg["name"]] = view
+            lane.values[msg["name"]] = view
             if msg["is_observed"]:
-                observed.setdefault(lane.index, {})[msg["name"]] = view
+                self.observed.setdefault(lane.index, {})[msg["name"]] = view
 
     def _record(self, items: list, log_prob: torch.Tensor, score: bool) -> None:
         """Add each lane's masked and scaled log density (summed over its inner
