@@ -98,23 +98,14 @@ class Lane:
         answer this lane gets when it is resumed.
 
         Lanes hand over to each other directly (one switch per site, not two
-        through the scheduler; `Phase.hand_over`, inlined for the common case:
-        this runs once per site). Whoever runs next finds the phase's base
-        stack: a lane with handlers of its own keeps them aside meanwhile.
+        through the scheduler; `Phase.hand_over`). Whoever runs next finds the
+        phase's base stack: a lane with handlers of its own keeps them aside
+        meanwhile.
         """
         phase = self.phase
         phase.pending.append((self, request))
         if len(HANDLERS) == self.base_len:
-            runnable, position = phase.runnable, phase.position
-            if position < len(runnable):
-                lane = runnable[position]
-                if lane.worker is not None:
-                    phase.position = position + 1
-                    lane.worker.switch()
-                else:
-                    phase.hand_over(lane_running=True)
-            else:
-                phase.scheduler.switch()
+            phase.hand_over(lane_running=True)
         else:
             mine, dims = HANDLERS[:], DIMS[:]
             HANDLERS[:], DIMS[:] = phase.base, phase.dims
@@ -510,15 +501,8 @@ class _PlateHook:
         position = lane.phase.enter_plate(lane, plate)
         return position, self.shared.index_at(plate.indices, position), lane
 
-    def plate_state(
-        self,
-        name: str,
-        size: int,
-        subsample_size: int | None,
-        subsample: Any,
-        dim: int | None,
-        device: str | None,
-    ) -> dict | None:
+    def plate_state(self, *plate_args: Any) -> dict | None:
+        """`Shared.plate_state(*plate_args)` in a lane, `None` outside lanes."""
         if current_lane() is None:
             return None
-        return self.shared.plate_state(name, size, subsample_size, subsample, dim, device)
+        return self.shared.plate_state(*plate_args)
