@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 
 import torch
+from pyro.distributions import Delta
 from pyro.poutine import Trace
 
 from ..draw import Pair, subsample_trace
@@ -102,6 +103,10 @@ class SamplePaths:
     prior_rows: list[torch.Tensor] = field(default_factory=list)
     subsample: Trace | None = None
     """The first pair's subsample sites: the minibatch of this draw."""
+    point_masses: bool = False
+    """Keep point-mass guide sites (MAP, `dist.Delta`) among the latents. They have
+    no density parameter to reparameterize, so their gradient must stay the standard
+    estimator's, which the objectives give them when they are left out."""
 
     def __call__(self, pair: Pair, batch: BatchInfo, K: int) -> torch.Tensor:
         model_trace, guide_trace = pair
@@ -109,6 +114,8 @@ class SamplePaths:
             self.subsample = subsample_trace(pair)
         sites = density_sites(guide_trace)
         for s in sites:
+            if not self.point_masses and _is_point_mass(s):
+                continue
             if is_reparameterized(s) and s["value"].requires_grad:
                 self.latents.append(s["value"])
                 self.layouts.append((s, batch, K, self.rows))
@@ -129,6 +136,15 @@ class SamplePaths:
     def prior_log_p(self) -> torch.Tensor:
         """`[K, B]`: `log p(z_b^k)`, the model's latent sites only."""
         return torch.cat(self.prior_rows)
+
+
+def _is_point_mass(site: dict) -> bool:
+    """A `dist.Delta` guide site that is a point estimate (not an autoguide's Delta
+    carrying a random draw, marked `random_point`)."""
+    fn = site["fn"]
+    while hasattr(fn, "base_dist"):  # masked, independent, expanded wrappers
+        fn = fn.base_dist
+    return isinstance(fn, Delta) and not site["infer"].get("random_point")
 
 
 def nonreparam_log_q(weights: LogWeights) -> torch.Tensor:
@@ -251,7 +267,8 @@ class PathWeights(LogWeights):
 
 def weigh_paths(objective, model, guide, args: tuple, kwargs: dict, **options) -> PathWeights:
     """`objective.weigh` (the base class's), keeping the sample paths of the draw."""
-    paths = SamplePaths(prior=options.pop("prior_log_p", False))
+    keep = options.pop("point_masses", False)
+    paths = SamplePaths(prior=options.pop("prior_log_p", False), point_masses=keep)
     weights = BatchObjective.weigh(objective, model, guide, args, kwargs, extra=paths, **options)
     values = {f.name: getattr(weights, f.name) for f in fields(LogWeights)}
     return PathWeights(**values, paths=paths)
@@ -298,22 +315,38 @@ def rws_dreg_fused(weights: PathWeights, normalized: torch.Tensor, insomnia: flo
     one by one; this one serves `loss_and_grads`, which backpropagates the sum).
 
     Wake-theta, its draws not cut, sends `w~_k d log p_k / dz_k` to each draw and
-    the model's gradient to the model. A hook on each draw scales what arrives by
-    `insomnia (1 - w~_k)` per particle (`log p[k, b]` depends on `z_b^k` only), which
-    turns it into `insomnia (w~_k - w~_k^2) d log p_k / dz_k`, wake-phi's model part
-    times its mixing weight; the surrogate adds `-w~_k d log q_k / dz_k` at the draws
-    (a product through the guide's densities only, which stops at the draws), which
-    the hook turns into the guide density's part. Only valid without
-    non-reparameterized guide sites, whose densities may also reach the draws.
+    the model's gradient to the model; `rescaled_paths` with the factor
+    `insomnia (1 - w~_k)` makes that `insomnia (w~_k - w~_k^2)(d log p_k / dz_k -
+    d log q_k / dz_k)`, wake-phi's DReG path times its mixing weight.
+    """
+    factor = insomnia * (1 - normalized)
+    return rescaled_paths(weights, normalized, factor, cut=insomnia == 0)
+
+
+def rescaled_paths(
+    weights: PathWeights, w: torch.Tensor, factor: torch.Tensor, cut: bool = False
+) -> torch.Tensor:
+    """`[B]` zero-valued surrogate, for an objective whose own backward pass sends each
+    draw `w_k d log p_k / dz_k` (`w` detached, `[K, B]`): with it, the draws pass on
+    `factor_k w_k (d log p_k / dz_k - d log q_k / dz_k)` instead.
+
+    A hook on each draw scales what arrives by `factor[k, b]` on the entries of
+    particle `k` and datum `b` (`log p[k, b]` depends on `z_b^k` only); the
+    surrogate adds `-w_k d log q_k / dz_k` at the draws (a product through the
+    guide's densities only, which stops at the draws), which the hook scales too.
+    So the model's pass is shared: no second pass to the draws. Only valid
+    without non-reparameterized guide sites (their densities may also reach the
+    draws) and without sites outside the batch plate (their draws are shared by
+    every datum); the hook is not recorded by a compiled (Jit) step. `cut=True`
+    says `factor` is zero: the draws pass nothing on, and no density product is needed.
     """
     paths = weights.paths
-    if insomnia > 0:
-        density = path_grads(normalized * weights.log_q, paths)
-    else:  # the hook's factor is zero: wake-theta's path to the guide is cut
+    if cut:
         density = [None] * len(paths.latents)
+    else:
+        density = path_grads(w * weights.log_q, paths)
     wanted = [z.requires_grad for z in paths.latents]
-    factors = particle_factors(insomnia * (1 - normalized), paths, wanted)
-    for z, f in zip(paths.latents, factors, strict=True):
+    for z, f in zip(paths.latents, particle_factors(factor, paths, wanted), strict=True):
         if f is not None:
             z.register_hook(lambda g, f=f: g * f)
-    return path_surrogate([None if g is None else -g for g in density], paths, normalized)
+    return path_surrogate([None if g is None else -g for g in density], paths, w)

@@ -9,7 +9,14 @@ import torch
 from ..validation import check_alpha
 from ..weights import LogWeights
 from .base import BatchObjective
-from .pathwise import PathWeights, check_estimator, nonreparam_log_q, through_samples, weigh_paths
+from .pathwise import (
+    PathWeights,
+    check_estimator,
+    nonreparam_log_q,
+    rescaled_paths,
+    through_samples,
+    weigh_paths,
+)
 
 
 class RenyiELBO(BatchObjective):
@@ -58,7 +65,7 @@ class RenyiELBO(BatchObjective):
     def per_datum(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         bound = renyi_bound(weights.log_w, 1.0 - self.alpha)
         if isinstance(weights, PathWeights):
-            return bound, dreg_surrogate(weights, bound, self.alpha)
+            return bound, dreg_surrogate(weights, bound, self.alpha, hooks=not self.compiles)
         if weights.score_log_q is None:
             return bound, bound
         surrogate = bound + (bound.detach() * weights.score_log_q).sum(0)
@@ -74,7 +81,9 @@ _REFUSED = {
 }
 
 
-def dreg_surrogate(weights: PathWeights, bound: torch.Tensor, alpha: float) -> torch.Tensor:
+def dreg_surrogate(
+    weights: PathWeights, bound: torch.Tensor, alpha: float, hooks: bool = False
+) -> torch.Tensor:
     """`[B]`: the doubly reparameterized surrogate of the Renyi bound of order `alpha`.
 
     With `w~ = softmax_k((1 - alpha) l)`, the standard gradient has the term
@@ -83,9 +92,16 @@ def dreg_surrogate(weights: PathWeights, bound: torch.Tensor, alpha: float) -> t
     path of particle `k` is weighted by `alpha w~_k + (1 - alpha) w~_k^2` (`w~^2`
     at IWAE's `alpha = 0`). The model's parameters, the non-reparameterized
     sites' densities and score terms keep the standard estimator's gradient.
+
+    With `hooks` (an uncompiled step) and a guide with local reparameterized
+    sites only, the model's backward pass is shared: `sum_k w~_k log p_k` sends
+    `w~_k d log p_k / dz_k` to the draws, and `rescaled_paths` with the factor
+    `alpha + (1 - alpha) w~_k` turns that into the DReG path.
     """
     a = 1.0 - alpha
     w = torch.softmax(a * weights.log_w.detach(), dim=0)
+    if hooks and weights.score_log_q is None and weights.global_log_w is None:
+        return (w * weights.log_p).sum(0) + rescaled_paths(weights, w, alpha + a * w)
     rest_q = nonreparam_log_q(weights)
     direct = (w * (weights.log_p - rest_q)).sum(0)
     if weights.score_log_q is not None:

@@ -156,8 +156,8 @@ class ReweightedWakeSleep(BatchObjective):
     def _wake_weights(self, model: Callable, guide: Callable, args, kwargs) -> LogWeights:
         """Guide particles for the wake phases: detached, except for DReG, which
         differentiates through them (and keeps wake-theta off the guide itself)."""
-        if self.estimator == "dreg":
-            return weigh_paths(self, model, guide, args, kwargs)
+        if self.estimator == "dreg":  # (a point-mass site's draw is cut with the others)
+            return weigh_paths(self, model, guide, args, kwargs, point_masses=True)
         if self.defensive > 0:
             return weigh_paths(
                 self, model, guide, args, kwargs, detach_guide=True, prior_log_p=True
