@@ -323,6 +323,15 @@ def rws_dreg_fused(weights: PathWeights, normalized: torch.Tensor, insomnia: flo
     return rescaled_paths(weights, normalized, factor, cut=insomnia == 0)
 
 
+def can_rescale_paths(weights: PathWeights) -> bool:
+    """Whether `rescaled_paths` applies: every guide site reparameterized and inside
+    the batch plate, and every draw a fresh tensor of this step (a hook on a leaf,
+    a parameter used as the draw itself, would outlive the step)."""
+    latents = weights.paths.latents
+    local = weights.score_log_q is None and weights.global_log_w is None
+    return local and all(z.grad_fn is not None for z in latents)
+
+
 def rescaled_paths(
     weights: PathWeights, w: torch.Tensor, factor: torch.Tensor, cut: bool = False
 ) -> torch.Tensor:
@@ -334,10 +343,10 @@ def rescaled_paths(
     particle `k` and datum `b` (`log p[k, b]` depends on `z_b^k` only); the
     surrogate adds `-w_k d log q_k / dz_k` at the draws (a product through the
     guide's densities only, which stops at the draws), which the hook scales too.
-    So the model's pass is shared: no second pass to the draws. Only valid
-    without non-reparameterized guide sites (their densities may also reach the
-    draws) and without sites outside the batch plate (their draws are shared by
-    every datum); the hook is not recorded by a compiled (Jit) step. `cut=True`
+    So the model's pass is shared: no second pass to the draws. Only valid where
+    `can_rescale_paths` (a non-reparameterized site's density may also reach the
+    draws; a global draw is shared by every datum); the hook is not recorded by a
+    compiled (Jit) step. `cut=True`
     says `factor` is zero: the draws pass nothing on, and no density product is needed.
     """
     paths = weights.paths

@@ -11,6 +11,7 @@ from ..weights import LogWeights
 from .base import BatchObjective
 from .pathwise import (
     PathWeights,
+    can_rescale_paths,
     check_estimator,
     nonreparam_log_q,
     rescaled_paths,
@@ -100,7 +101,7 @@ def dreg_surrogate(
     """
     a = 1.0 - alpha
     w = torch.softmax(a * weights.log_w.detach(), dim=0)
-    if hooks and weights.score_log_q is None and weights.global_log_w is None:
+    if hooks and can_rescale_paths(weights):
         return (w * weights.log_p).sum(0) + rescaled_paths(weights, w, alpha + a * w)
     rest_q = nonreparam_log_q(weights)
     direct = (w * (weights.log_p - rest_q)).sum(0)

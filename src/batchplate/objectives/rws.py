@@ -16,6 +16,7 @@ from ..weights import LogWeights
 from .base import BatchObjective, Losses
 from .pathwise import (
     PathWeights,
+    can_rescale_paths,
     check_estimator,
     nonreparam_log_q,
     rws_dreg_fused,
@@ -171,7 +172,7 @@ class ReweightedWakeSleep(BatchObjective):
         normalized = torch.softmax(log_w.detach(), dim=0)
         theta = torch.logsumexp(log_w, 0) - math.log(K)
         paths = None
-        if self.estimator == "dreg" and self._sum_only and weights.score_log_q is None:
+        if self.estimator == "dreg" and self._sum_only and can_rescale_paths(weights):
             # Only the sum is differentiated: wake-theta's own path to the draws,
             # rescaled, is wake-phi's (see rws_dreg_fused); phi keeps no path.
             fused = rws_dreg_fused(weights, normalized, self.insomnia)
