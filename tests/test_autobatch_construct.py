@@ -3,7 +3,8 @@
 `batchplate.autobatch._construct.lane_distribution` builds the common families
 by setting their attributes directly (Automatic batching page, "What it
 costs"); here each is compared, attribute by attribute and by behaviour, with
-what the constructor builds from the same arguments.
+what the constructor builds from the same arguments. A lane's categorical is
+normalized when first read: it is compared by what a program can read.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 from torch.distributions import Distribution
 
-from batchplate.autobatch._construct import FAMILIES, lane_distribution
+from batchplate.autobatch._construct import FAMILIES, LaneCategorical, lane_distribution
 
 T = torch.tensor([0.3, 0.7])
 S = torch.tensor([1.5, 2.0])
@@ -66,7 +67,30 @@ def test_fast_object_is_the_constructors(unvalidated, cls, args, kwargs):
 
 
 def test_every_family_is_covered():
-    assert set(FAMILIES) == {cls for cls, _, _ in CASES}
+    assert set(FAMILIES) == {cls for cls, _, _ in CASES} | {dist.Categorical}
+
+
+@pytest.mark.parametrize("name", ["logits", "probs"])
+@pytest.mark.parametrize("shape", [(4,), (3, 4)])
+def test_lane_categorical_reads_as_the_constructors(unvalidated, name, shape):
+    raw = torch.rand(shape, dtype=torch.float64) + 0.1
+    fast_raw, slow_raw = raw.clone().requires_grad_(), raw.clone().requires_grad_()
+    fast = lane_distribution(dist.Categorical, (), {name: fast_raw})
+    slow = dist.Categorical(**{name: slow_raw})
+    assert isinstance(fast, LaneCategorical) and isinstance(fast, dist.Categorical)
+    assert name not in vars(fast), "normalized only when read"
+    for attr in ("logits", "probs", "_param", "param_shape", "batch_shape", "event_shape"):
+        torch.testing.assert_close(getattr(fast, attr), getattr(slow, attr), rtol=0, atol=1e-15)
+    value = slow.sample((5,))
+    assert fast.sample((5,)).shape == value.shape
+    torch.testing.assert_close(fast.log_prob(value), slow.log_prob(value), rtol=0, atol=1e-15)
+    torch.testing.assert_close(fast.entropy(), slow.entropy(), rtol=0, atol=1e-15)
+    assert torch.equal(fast.enumerate_support(), slow.enumerate_support())
+    wide = fast.expand((2,) + fast.batch_shape)
+    torch.testing.assert_close(wide.logits, slow.expand((2,) + slow.batch_shape).logits)
+    fast.log_prob(value).sum().backward()
+    slow.log_prob(value).sum().backward()
+    torch.testing.assert_close(fast_raw.grad, slow_raw.grad, rtol=0, atol=1e-15)
 
 
 @pytest.mark.parametrize(
@@ -77,7 +101,9 @@ def test_every_family_is_covered():
         (dist.Normal, (T,), {"scale": S}),  # mixed positional and keyword
         (dist.Bernoulli, (), {"probs": T, "logits": T}),
         (dist.Bernoulli, (), {"logits": T, "validate_args": False}),
-        (dist.Categorical, (), {"logits": T}),  # not a family it builds
+        (dist.Categorical, (), {"logits": torch.tensor(0.0)}),  # the constructor raises
+        (dist.Categorical, (), {"logits": T, "probs": T}),
+        (dist.Binomial, (), {"total_count": S, "logits": T}),  # not a family it builds
     ],
 )
 def test_anything_else_takes_the_constructor(unvalidated, cls, args, kwargs):

@@ -73,6 +73,13 @@ def autobatch_log_weights(
         for K in sizes:
             rows.append(_draw(model, guide, args, kwargs, K, B, shared, sleep, detach_guide))
             B = rows[-1][0][0].B
+        weights = _weights(rows, shared, sleep, draws)
+        rows.clear()  # freed before the collector resumes, which would walk them all
+    return weights
+
+
+def _weights(rows: list, shared: Shared, sleep: bool, draws: list[dict] | None) -> Weights:
+    """The phases' `[K, B]` log weights, checked finite; `draws` filled if given."""
     batch = rows[0][0][0].batch
     log_p, log_q, score = (_cat([row[1][i] for row in rows]) for i in range(3))
     if batch.full_size != batch.size:  # the batch plate's N/B is not part of l (Contract page)
@@ -95,7 +102,9 @@ def _collector_paused() -> Iterator[None]:
     every live object of the process: at `B = 64, K = 16` that doubled the
     step time, and it grew faster than the number of lanes. The phases leave
     no reference cycles behind (lanes are dropped when their phase ends), so
-    reference counting frees everything; the collector resumes afterwards.
+    reference counting frees everything; the collector resumes afterwards,
+    once the phases are freed (its first collection would walk them all:
+    a tenth of the step).
     """
     enabled = gc.isenabled()
     gc.disable()

@@ -3,8 +3,9 @@
 A round resumes every runnable lane until it suspends (at a sample site or
 a module call) or finishes; the suspended requests are then grouped by what
 can be computed together (not by site name, which differs per datum) and each
-group is drawn, replayed and scored as one tensor operation. Log densities
-are kept as `(lane indices, [n] terms)` and summed into `[K, B]` at the end.
+group is drawn, replayed and scored as one tensor operation (`_rounds`). Log
+densities are kept as `(lane indices, [n] terms)` and summed into `[K, B]` at
+the end.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from ..validation import GLOBAL_LATENT_HINT
 from ._lanes import (
     DIMS,
     HANDLERS,
-    Call,
     Lane,
     LaneMessenger,
     PlateEntry,
@@ -30,20 +30,9 @@ from ._lanes import (
     Worker,
     pool,
 )
-from ._stack import (
-    as_lane_tensor,
-    build,
-    call_signature,
-    dist_spec,
-    same_objects,
-    same_output,
-    stack,
-    stacked_call,
-    warn_once,
-)
+from ._rounds import answer_round
 
 Terms = list[tuple[list[int], torch.Tensor]]
-_NOTHING: dict = {}
 
 
 @dataclass
@@ -85,7 +74,7 @@ class Phase:
     position: int = 0  # the next of `runnable` to resume
     terms: Terms = field(default_factory=list)
     score_terms: Terms = field(default_factory=list)
-    names: list[tuple[list[int], list[str], torch.Tensor]] = field(default_factory=list)
+    names: list[tuple[list[int], list[dict], torch.Tensor]] = field(default_factory=list)  # sites
     values: dict[int, dict[str, Any]] = field(default_factory=dict)
     observed: dict[int, dict[str, Any]] = field(default_factory=dict)
     taken: dict[tuple[int, str], int] = field(default_factory=dict)  # (k, site) -> datum
@@ -114,7 +103,7 @@ class Phase:
                 self.pending, self.position = [], 0
                 while self.position < len(self.runnable):  # lanes spawned in a round join it
                     self.hand_over()  # returns when a lane ends or the round's last suspends
-                self.runnable = self._execute(self.pending)
+                self.runnable = answer_round(self, self.pending)
         except BaseException:
             self._end_lanes()
             raise
@@ -284,155 +273,6 @@ class Phase:
 
     # -- rounds ---------------------------------------------------------------
 
-    def _execute(self, pending: list) -> list:
-        """Answer every suspended lane: one group per batchable kind of request.
-
-        Items are `(lane, request, stacked parameters, given value)`.
-        """
-        groups: dict[Any, list] = {}
-        for lane, request in pending:
-            if type(request) is Call:
-                key = ("call", id(request.module), request.attr) + call_signature(
-                    request.args, request.kwargs
-                )
-                item = (lane, request, None, None)
-            else:
-                key, params, value = self._sample_key(lane, request)
-                item = (lane, request, params, value)
-            group = groups.get(key)
-            if group is None:
-                groups[key] = [item]
-            else:
-                group.append(item)
-        answered = []
-        for key, items in groups.items():
-            if key[0] == "call":
-                outputs = self._calls(key, items)
-            elif key[0] == "lane":
-                outputs = [self._lane_site(item) for item in items]
-            else:
-                outputs = self._sites(key, items)
-            for item, output in zip(items, outputs, strict=True):
-                item[0].answer = output
-                answered.append(item[0])
-        return answered
-
-    def _given(self, lane: Lane, msg: dict) -> tuple[str, Any]:
-        """`(source, value)`: an observation, the lane's replayed value, or a draw (`None`)."""
-        if msg["is_observed"] and not self.spec.uncondition:
-            return "obs", as_lane_tensor(msg["value"])
-        replay = self.spec.replay
-        if replay is not None:
-            value = replay.get(lane.index, _NOTHING).get(msg["name"])
-            if value is not None:
-                return "replay", value
-        return "draw", None
-
-    def _sample_key(self, lane: Lane, msg: dict) -> tuple[tuple, tuple | None, Any]:
-        """`(group key, parameters, given value)` of a sample site."""
-        source, value = self._given(lane, msg)
-        spec = dist_spec(msg["fn"])
-        if spec is None:
-            warn_once(f"site '{msg['name']}' ({type(msg['fn']).__name__})", "not stackable")
-            return ("lane", id(msg)), None, value
-        scale = msg["scale"]
-        scaled = isinstance(scale, torch.Tensor) or scale != 1.0
-        shape = None if value is None else value.shape
-        return ("site", spec[0], source, shape, msg["mask"] is not None, scaled), spec[1], value
-
-    # -- sample sites -----------------------------------------------------------
-
-    def _sites(self, key: tuple, items: list) -> list:
-        """Draw, replay or observe a group's sites as one distribution; score it."""
-        _, dist_key, source, _, _, _ = key
-        n, first = len(items), items[0][1]["fn"]
-        try:
-            params = [stack([item[2][j] for item in items]) for j in range(len(items[0][2]))]
-            fn = build(dist_key, params, self.shared.validate)
-            if fn.batch_shape[1:] != first.batch_shape or fn.event_shape != first.event_shape:
-                raise ValueError(f"stacked shape {fn.batch_shape} + {fn.event_shape}")
-        except (ValueError, RuntimeError, TypeError) as e:
-            warn_once(f"site '{items[0][1]['name']}' ({type(first).__name__})", str(e))
-            return [self._lane_site(item) for item in items]
-        dims = len(first.batch_shape) + len(first.event_shape)
-        if source == "draw":
-            value = fn.rsample() if fn.has_rsample else fn.sample()
-            if self.spec.detach:
-                value = value.detach()
-            views = value.unbind(0)
-        else:
-            views = [item[3] for item in items]
-            value = stack(views)
-            if views[0].dim() < dims:  # an observation that broadcasts: align it on the right
-                pad = (1,) * (dims - views[0].dim())
-                value = value.reshape((n,) + pad + views[0].shape)
-        self._record(items, fn.log_prob(value), not fn.has_rsample)
-        self._keep(items, views)
-        return views
-
-    def _lane_site(self, item: tuple) -> Any:
-        """A site that cannot be stacked, drawn and scored in its own lane."""
-        fn, value = item[1]["fn"], item[3]
-        if value is None:
-            value = fn.rsample() if fn.has_rsample else fn.sample()
-            if self.spec.detach:
-                value = value.detach()
-        self._record([item], fn.log_prob(value).unsqueeze(0), not fn.has_rsample)
-        self._keep([item], [value])
-        return value
-
-    def _keep(self, items: list, views: list) -> None:
-        """Remember the lanes' values, for the next phase's replay and the sleep's
-        observations."""
-        for (lane, msg, _, _), view in zip(items, views, strict=True):
-            lane.values[msg["name"]] = view
-            if msg["is_observed"]:
-                self.observed.setdefault(lane.index, {})[msg["name"]] = view
-
-    def _record(self, items: list, log_prob: torch.Tensor, score: bool) -> None:
-        """Add each lane's masked and scaled log density (summed over its inner
-        plates and event dims) to the lane's terms."""
-        msgs = [item[1] for item in items]
-        n, shape = log_prob.shape[0], log_prob.shape[1:]
-        unscaled = log_prob
-        if msgs[0]["mask"] is not None:
-            mask = torch.stack([as_lane_tensor(m["mask"]).expand(shape) for m in msgs])
-            unscaled = torch.where(mask, log_prob, log_prob.new_zeros(()))
-        scaled = unscaled * _scales(msgs, shape, log_prob)
-        ids = [item[0].index for item in items]
-        names = [m["name"] for m in msgs]
-        if log_prob.dim() > 1:
-            scaled, unscaled = scaled.reshape(n, -1).sum(1), unscaled.reshape(n, -1).sum(1)
-        self.terms.append((ids, scaled))
-        self.names.append((ids, names, scaled))
-        if score and self.spec.role == "guide":
-            self.score_terms.append((ids, unscaled))
-
-    # -- module calls -----------------------------------------------------------
-
-    def _calls(self, key: tuple, items: list) -> list:
-        """One call of the module for the group; lane by lane where that is not exact."""
-        call = items[0][1]
-        method = getattr(call.module, call.attr)
-        calls = [(item[1].args, item[1].kwargs) for item in items]
-        if len(calls) == 1 or same_objects(calls):  # e.g. an encoder of the whole minibatch
-            return [method(*call.args, **call.kwargs)] * len(calls)
-        shared = self.shared
-        if key not in shared.unbatchable:
-            try:
-                outputs = stacked_call(method, calls)
-                if key not in shared.verified:
-                    with torch.no_grad():
-                        reference = method(*call.args, **call.kwargs)
-                    if not same_output(reference, outputs[0]):
-                        raise ValueError("its stacked output differs from its lane's own")
-                    shared.verified.add(key)
-                return outputs
-            except (ValueError, RuntimeError, TypeError, IndexError) as e:
-                shared.unbatchable.add(key)
-                warn_once(f"module call '{call.name}.{call.attr}'", str(e))
-        return [method(*args, **kwargs) for args, kwargs in calls]
-
     # -- [K, B] ---------------------------------------------------------------
 
     def per_lane(self, terms: Terms) -> torch.Tensor | None:
@@ -447,19 +287,8 @@ class Phase:
     def culprits(self, k: int, b: int) -> list[str]:
         """Sites with a non-finite log density in lane `(k, b)`."""
         index, found = k * self.B + b, []
-        for ids, names, terms in self.names:
-            for i, name, term in zip(ids, names, terms.detach(), strict=True):
+        for ids, msgs, terms in self.names:
+            for i, msg, term in zip(ids, msgs, terms.detach(), strict=True):
                 if i == index and not bool(torch.isfinite(term)):
-                    found.append(f"{self.spec.role} '{name}' ({float(term)})")
+                    found.append(f"{self.spec.role} '{msg['name']}' ({float(term)})")
         return found
-
-
-def _scales(msgs: list, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | float:
-    """The sites' scales, `[n, 1, ...]` (or one number when they agree)."""
-    scales = [m["scale"] for m in msgs]
-    first = scales[0]
-    if not any(isinstance(s, torch.Tensor) for s in scales):
-        if all(s == first for s in scales):
-            return first
-        return like.new_tensor(scales).reshape((len(scales),) + (1,) * len(shape))
-    return torch.stack([as_lane_tensor(s).expand(shape) for s in scales]).to(like.dtype)

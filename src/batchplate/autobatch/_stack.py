@@ -10,12 +10,16 @@ step and signature with an unbatched call of the first lane.
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Sequence
+from itertools import repeat
 from typing import Any
 
 import pyro.distributions as dist
 import torch
+
+from ._construct import LaneCategorical
 
 #: Distribution types whose constructor parameters (in `__dict__`, under these
 #: names) fully determine them, so `type(**stacked params)` is the stacked
@@ -65,6 +69,10 @@ def dist_spec(fn: Any) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
     shapes and dtypes (hence batch and event shapes), same wrapping.
     """
     kind = type(fn)
+    if kind is LaneCategorical:  # stacked from the lanes' given parameters, normalized once
+        name, given = fn._lane_given
+        key = (dist.Categorical, (name,), None, ((given.shape, given.dtype),))
+        return key, (given,)
     if kind is dist.Independent:
         inner = dist_spec(fn.base_dist)
         if inner is None:
@@ -104,10 +112,9 @@ def build(key: tuple, params: Sequence[torch.Tensor], validate: bool) -> Any:
 def stack(values: Sequence[torch.Tensor]) -> torch.Tensor:
     """`[n, ...]`: one tensor per lane; a tensor shared by every lane is only expanded."""
     first = values[0]
-    for v in values:
-        if v is not first:
-            return torch.stack(values)
-    return first.expand((len(values),) + first.shape)
+    if all(map(operator.is_, values, repeat(first))):  # in C: this runs per group
+        return first.expand((len(values),) + first.shape)
+    return torch.stack(values)
 
 
 def as_lane_tensor(value: Any) -> torch.Tensor:

@@ -1,0 +1,209 @@
+"""Answering a round: the suspended lanes' requests, grouped and run as tensor operations.
+
+A round's requests are grouped by what can be computed together (not by site
+name, which differs per datum): sample sites by distribution type, parameter
+shapes, where the value comes from (drawn, replayed, observed), mask and
+scale; module calls by module, method and argument shapes. A group keeps its
+members in parallel lists, so that each step over the group (stacking,
+scales, lane indices) is one pass in C rather than one Python step per lane
+and per step. Each lane's answer is left on the lane (`Lane.answer`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ._lanes import Call, Lane
+from ._stack import (
+    as_lane_tensor,
+    build,
+    call_signature,
+    dist_spec,
+    same_objects,
+    same_output,
+    stack,
+    stacked_call,
+    warn_once,
+)
+
+_NOTHING: dict = {}
+
+
+class Group:
+    """Requests computed together, as parallel tuples: lanes, requests, stacked
+    parameters (`None` for calls), given values (`None` to draw)."""
+
+    __slots__ = ("lanes", "requests", "params", "given")
+
+    def __init__(self, items: list[tuple]) -> None:
+        self.lanes, self.requests, self.params, self.given = zip(*items, strict=True)
+
+
+def answer_round(phase: Any, pending: list[tuple[Lane, Any]]) -> list[Lane]:
+    """Answer every `(lane, request)` of a round; return the lanes, to resume in order."""
+    groups: dict[Any, list] = {}
+    key_of = _SampleKeys(phase.spec)
+    for lane, request in pending:
+        if type(request) is Call:
+            key = ("call", id(request.module), request.attr)
+            item = (lane, request, None, None)
+            key += call_signature(request.args, request.kwargs)
+        else:
+            key, item = key_of(lane, request)
+        items = groups.get(key)
+        if items is None:
+            groups[key] = [item]
+        else:
+            items.append(item)
+    answered: list[Lane] = []
+    for key, items in groups.items():
+        group = Group(items)
+        if key[0] == "call":
+            outputs = _calls(phase.shared, key, group)
+        elif key[0] == "lane":
+            outputs = _lane_sites(phase, group)
+        else:
+            outputs = _sites(phase, key, group)
+        for lane, output in zip(group.lanes, outputs, strict=True):
+            lane.answer = output
+        answered += group.lanes
+    return answered
+
+
+class _SampleKeys:
+    """`(group key, item)` of a sample site: its distribution's stacking key, where
+    its value comes from (an observation, the lane's replayed value, or a draw)
+    and how it is masked and scaled. One call per site and lane: kept flat."""
+
+    __slots__ = ("observe", "replay")
+
+    def __init__(self, spec: Any) -> None:
+        self.observe, self.replay = not spec.uncondition, spec.replay
+
+    def __call__(self, lane: Lane, msg: dict) -> tuple[tuple, tuple]:
+        observed = msg["is_observed"]
+        if observed and self.observe:
+            source, value = "obs", as_lane_tensor(msg["value"])
+        else:
+            replay = self.replay
+            value = None if replay is None else replay.get(lane.index, _NOTHING).get(msg["name"])
+            source = "draw" if value is None else "replay"
+        found = dist_spec(msg["fn"])
+        if found is None:
+            warn_once(f"site '{msg['name']}' ({type(msg['fn']).__name__})", "not stackable")
+            return ("lane", id(msg)), (lane, msg, None, value)
+        scale = msg["scale"]
+        scaled = type(scale) is not float or scale != 1.0
+        shape = None if value is None else value.shape
+        key = ("site", found[0], source, shape, msg["mask"] is not None, scaled, observed)
+        return key, (lane, msg, found[1], value)
+
+
+def _sites(phase: Any, key: tuple, group: Group) -> list | tuple:
+    """Draw, replay or observe a group's sites as one distribution; score it."""
+    source, observed = key[2], key[6]
+    msgs = group.requests
+    first = msgs[0]["fn"]
+    try:
+        params = [stack(column) for column in zip(*group.params, strict=True)]
+        fn = build(key[1], params, phase.shared.validate)
+        if fn.batch_shape[1:] != first.batch_shape or fn.event_shape != first.event_shape:
+            raise ValueError(f"stacked shape {fn.batch_shape} + {fn.event_shape}")
+    except (ValueError, RuntimeError, TypeError) as e:
+        warn_once(f"site '{msgs[0]['name']}' ({type(first).__name__})", str(e))
+        return _lane_sites(phase, group)
+    if source == "draw":
+        value = fn.rsample() if fn.has_rsample else fn.sample()
+        if phase.spec.detach:
+            value = value.detach()
+        views = value.unbind(0)
+    else:
+        views = group.given
+        value = stack(views)
+        dims = len(first.batch_shape) + len(first.event_shape)
+        if views[0].dim() < dims:  # an observation that broadcasts: align it on the right
+            pad = (1,) * (dims - views[0].dim())
+            value = value.reshape((len(views),) + pad + views[0].shape)
+    _record(phase, group, fn.log_prob(value), not fn.has_rsample)
+    _keep(phase, group, views, observed)
+    return views
+
+
+def _lane_sites(phase: Any, group: Group) -> list:
+    """Sites that cannot be stacked, each drawn and scored in its own lane."""
+    outputs = []
+    for i, msg in enumerate(group.requests):
+        one = Group([(group.lanes[i], msg, None, group.given[i])])
+        fn, value = msg["fn"], group.given[i]
+        if value is None:
+            value = fn.rsample() if fn.has_rsample else fn.sample()
+            if phase.spec.detach:
+                value = value.detach()
+        _record(phase, one, fn.log_prob(value).unsqueeze(0), not fn.has_rsample)
+        _keep(phase, one, [value], msg["is_observed"])
+        outputs.append(value)
+    return outputs
+
+
+def _keep(phase: Any, group: Group, views: Any, observed: bool) -> None:
+    """Remember the lanes' values, for the next phase's replay and the sleep's
+    observations."""
+    for lane, msg, view in zip(group.lanes, group.requests, views, strict=True):
+        lane.values[msg["name"]] = view
+    if observed:
+        for lane, msg, view in zip(group.lanes, group.requests, views, strict=True):
+            phase.observed.setdefault(lane.index, {})[msg["name"]] = view
+
+
+def _record(phase: Any, group: Group, log_prob: torch.Tensor, score: bool) -> None:
+    """Add each lane's masked and scaled log density (summed over its inner
+    plates and event dims) to the lane's terms."""
+    msgs = group.requests
+    n, shape = log_prob.shape[0], log_prob.shape[1:]
+    unscaled = log_prob
+    if msgs[0]["mask"] is not None:
+        mask = torch.stack([as_lane_tensor(m["mask"]).expand(shape) for m in msgs])
+        unscaled = torch.where(mask, log_prob, log_prob.new_zeros(()))
+    scaled = unscaled * _scales([m["scale"] for m in msgs], shape, log_prob)
+    ids = [lane.index for lane in group.lanes]
+    if log_prob.dim() > 1:
+        scaled, unscaled = scaled.reshape(n, -1).sum(1), unscaled.reshape(n, -1).sum(1)
+    phase.terms.append((ids, scaled))
+    phase.names.append((ids, msgs, scaled))
+    if score and phase.spec.role == "guide":
+        phase.score_terms.append((ids, unscaled))
+
+
+def _scales(scales: list, shape: torch.Size, like: torch.Tensor) -> torch.Tensor | float:
+    """The sites' scales, `[n, 1, ...]` (or one number when they agree)."""
+    first = scales[0]
+    if type(first) is float and scales.count(first) == len(scales):
+        return first
+    if not any(isinstance(s, torch.Tensor) for s in scales):
+        return like.new_tensor(scales).reshape((len(scales),) + (1,) * len(shape))
+    return torch.stack([as_lane_tensor(s).expand(shape) for s in scales]).to(like.dtype)
+
+
+def _calls(shared: Any, key: tuple, group: Group) -> list:
+    """One call of the module for the group; lane by lane where that is not exact."""
+    call = group.requests[0]
+    method = getattr(call.module, call.attr)
+    calls = [(request.args, request.kwargs) for request in group.requests]
+    if len(calls) == 1 or same_objects(calls):  # e.g. an encoder of the whole minibatch
+        return [method(*call.args, **call.kwargs)] * len(calls)
+    if key not in shared.unbatchable:
+        try:
+            outputs = stacked_call(method, calls)
+            if key not in shared.verified:
+                with torch.no_grad():
+                    reference = method(*call.args, **call.kwargs)
+                if not same_output(reference, outputs[0]):
+                    raise ValueError("its stacked output differs from its lane's own")
+                shared.verified.add(key)
+            return outputs
+        except (ValueError, RuntimeError, TypeError, IndexError) as e:
+            shared.unbatchable.add(key)
+            warn_once(f"module call '{call.name}.{call.attr}'", str(e))
+    return [method(*args, **kwargs) for args, kwargs in calls]
