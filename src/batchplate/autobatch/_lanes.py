@@ -35,6 +35,7 @@ from torch.distributions import Distribution
 from ..errors import BatchPlateError
 from ..plate import BatchFrame, check_sizes, set_lane_hook
 from ._construct import lane_distribution
+from ._stack import Stacker
 
 
 def pyro_global_stacks() -> tuple[list, list]:
@@ -65,7 +66,6 @@ class Lane:
     unit_scale = 1.0  # a site's scale without handlers of its own: 1.0 * N / B
     in_plate = False
     broke = False  # its loop over the batch plate ended early (break, return)
-    sites = 0
     worker: Worker | None = None  # once started
     done = False
     answer: Any = None  # the scheduler's answer to its request, read when it resumes
@@ -76,6 +76,7 @@ class Lane:
         self.index = index  # flat position `k * B + b` in the `[K, B]` weights
         self.base_len = phase.base_len  # handlers below the lane's own: the caller's, ours
         self.values: dict[str, Any] = {}  # site name -> value (`Phase.values[index]`)
+        self.taken = phase.taken[k]  # the particle's site names -> their datum
 
     def __enter__(self) -> Lane:  # the body of the batch plate's loop
         self.in_plate = True
@@ -269,6 +270,7 @@ class Shared:
         self.validate = False  # the caller's distribution validation, for stacked distributions
         self.index_lists: dict[int, tuple[torch.Tensor, list]] = {}
         self.plate_states: dict[tuple, tuple[Any, dict]] = {}
+        self.stacker = Stacker()
         self.plate_entries: dict[tuple, PlateEntry] = {}
         self.computed: dict[tuple, tuple] = {}  # `once`
 
@@ -430,6 +432,8 @@ def lane_sample(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     obs, infer = kwargs.get("obs"), kwargs.get("infer")
     if infer is not None and infer.get("_deterministic", False):
         return obs
+    if lane.taken.setdefault(name, lane.b) != lane.b:  # `Phase.check_site`, inlined
+        lane.phase.check_site(lane, name)
     msg = {
         "type": "sample",
         "name": name,
@@ -441,7 +445,6 @@ def lane_sample(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         "mask": None,
         "cond_indep_stack": (lane.frame,),
     }
-    lane.phase.check_site(lane, name)
     return lane.suspend(msg)
 
 

@@ -77,7 +77,7 @@ class Phase:
     names: list[tuple[list[int], list[dict], torch.Tensor]] = field(default_factory=list)  # sites
     values: dict[int, dict[str, Any]] = field(default_factory=dict)
     observed: dict[int, dict[str, Any]] = field(default_factory=dict)
-    taken: dict[tuple[int, str], int] = field(default_factory=dict)  # (k, site) -> datum
+    taken: list[dict[str, int]] = field(default_factory=list)  # per particle: site -> datum
     frame: BatchFrame | None = None  # the batch plate's (its first datum's)
     plate: PlateEntry | None = None
     base: list = field(default_factory=list)  # every lane's handler stack when it starts
@@ -93,6 +93,7 @@ class Phase:
         self.base, self.dims = outer + [LaneMessenger(self.shared)], dims
         self.base_len = len(self.base)
         self.pool = pool()
+        self.taken = [{} for _ in range(self.K)]
         HANDLERS[:] = self.base  # every lane starts and resumes on it (`Lane.suspend`)
         if self.B is None:  # the first lane finds B at the batch plate and spawns the rest
             self._spawn(0, 0)
@@ -236,7 +237,7 @@ class Phase:
 
     def check_site(self, lane: Lane, name: str) -> None:
         """Site names unique within a particle (the lane's plate was checked on entry)."""
-        other = self.taken.setdefault((lane.k, name), lane.b)
+        other = lane.taken.setdefault(name, lane.b)
         if other != lane.b:
             raise BatchPlateError(
                 f"{self.spec.role} site '{name}' is drawn at datum {other} and at datum "
@@ -246,7 +247,6 @@ class Phase:
                 "(enumerate, a counter) sees 0 in every lane: use the yielded index or the "
                 "plate's `datum`."
             )
-        lane.sites += 1
 
     def outside_error(self, lane: Lane, msg: dict) -> BatchPlateError:
         return BatchPlateError(
@@ -260,7 +260,7 @@ class Phase:
             raise BatchPlateError(
                 f"the {self.spec.role} has no sample site inside a batch plate: nothing to weigh"
             )
-        empty = [lane for lane in self.lanes if lane.sites == 0]
+        empty = [lane for lane in self.lanes if not lane.values]
         if empty and self.spec.role == "model":
             raise BatchPlateError(
                 f"no model site at datum {empty[0].b} of batch plate '{self.frame.name}' "

@@ -23,7 +23,6 @@ from ._stack import (
     dist_spec,
     same_objects,
     same_output,
-    stack,
     stacked_call,
     warn_once,
 )
@@ -60,14 +59,13 @@ def answer_round(phase: Any, pending: list[tuple[Lane, Any]]) -> list[Lane]:
     answered: list[Lane] = []
     for key, items in groups.items():
         group = Group(items)
-        if key[0] == "call":
-            outputs = _calls(phase.shared, key, group)
-        elif key[0] == "lane":
-            outputs = _lane_sites(phase, group)
+        if key[0] == "site":
+            _sites(phase, key, group)  # answers its lanes
         else:
-            outputs = _sites(phase, key, group)
-        for lane, output in zip(group.lanes, outputs, strict=True):
-            lane.answer = output
+            call = key[0] == "call"
+            outputs = _calls(phase.shared, key, group) if call else _lane_sites(phase, group)
+            for lane, output in zip(group.lanes, outputs, strict=True):
+                lane.answer = output
         answered += group.lanes
     return answered
 
@@ -85,7 +83,9 @@ class _SampleKeys:
     def __call__(self, lane: Lane, msg: dict) -> tuple[tuple, tuple]:
         observed = msg["is_observed"]
         if observed and self.observe:
-            source, value = "obs", as_lane_tensor(msg["value"])
+            source, value = "obs", msg["value"]
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(value)
         else:
             replay = self.replay
             value = None if replay is None else replay.get(lane.index, _NOTHING).get(msg["name"])
@@ -101,34 +101,37 @@ class _SampleKeys:
         return key, (lane, msg, found[1], value)
 
 
-def _sites(phase: Any, key: tuple, group: Group) -> list | tuple:
-    """Draw, replay or observe a group's sites as one distribution; score it."""
+def _sites(phase: Any, key: tuple, group: Group) -> None:
+    """Draw, replay or observe a group's sites as one distribution, score it and
+    answer its lanes."""
     source, observed = key[2], key[6]
     msgs = group.requests
     first = msgs[0]["fn"]
     try:
-        params = [stack(column) for column in zip(*group.params, strict=True)]
+        stacker = phase.shared.stacker
+        params = [stacker.stack(column) for column in zip(*group.params, strict=True)]
         fn = build(key[1], params, phase.shared.validate)
         if fn.batch_shape[1:] != first.batch_shape or fn.event_shape != first.event_shape:
             raise ValueError(f"stacked shape {fn.batch_shape} + {fn.event_shape}")
     except (ValueError, RuntimeError, TypeError) as e:
         warn_once(f"site '{msgs[0]['name']}' ({type(first).__name__})", str(e))
-        return _lane_sites(phase, group)
+        for lane, output in zip(group.lanes, _lane_sites(phase, group), strict=True):
+            lane.answer = output
+        return
     if source == "draw":
         value = fn.rsample() if fn.has_rsample else fn.sample()
         if phase.spec.detach:
             value = value.detach()
-        views = value.unbind(0)
+        views = phase.shared.stacker.unbind(value)
     else:
         views = group.given
-        value = stack(views)
+        value = phase.shared.stacker.stack(views)
         dims = len(first.batch_shape) + len(first.event_shape)
         if views[0].dim() < dims:  # an observation that broadcasts: align it on the right
             pad = (1,) * (dims - views[0].dim())
             value = value.reshape((len(views),) + pad + views[0].shape)
     _record(phase, group, fn.log_prob(value), not fn.has_rsample)
     _keep(phase, group, views, observed)
-    return views
 
 
 def _lane_sites(phase: Any, group: Group) -> list:
@@ -148,9 +151,10 @@ def _lane_sites(phase: Any, group: Group) -> list:
 
 
 def _keep(phase: Any, group: Group, views: Any, observed: bool) -> None:
-    """Remember the lanes' values, for the next phase's replay and the sleep's
-    observations."""
+    """Answer the lanes with their values and remember them, for the next
+    phase's replay and the sleep's observations."""
     for lane, msg, view in zip(group.lanes, group.requests, views, strict=True):
+        lane.answer = view
         lane.values[msg["name"]] = view
     if observed:
         for lane, msg, view in zip(group.lanes, group.requests, views, strict=True):
@@ -195,7 +199,7 @@ def _calls(shared: Any, key: tuple, group: Group) -> list:
         return [method(*call.args, **call.kwargs)] * len(calls)
     if key not in shared.unbatchable:
         try:
-            outputs = stacked_call(method, calls)
+            outputs = stacked_call(method, calls, shared.stacker)
             if key not in shared.verified:
                 with torch.no_grad():
                     reference = method(*call.args, **call.kwargs)

@@ -69,33 +69,38 @@ def dist_spec(fn: Any) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
     shapes and dtypes (hence batch and event shapes), same wrapping.
     """
     kind = type(fn)
-    if kind is LaneCategorical:  # stacked from the lanes' given parameters, normalized once
-        name, given = fn._lane_given
-        key = (dist.Categorical, (name,), None, ((given.shape, given.dtype),))
-        return key, (given,)
-    if kind is dist.Independent:
-        inner = dist_spec(fn.base_dist)
-        if inner is None:
-            return None
-        return (kind, fn.reinterpreted_batch_ndims, inner[0]), inner[1]
     options = PARAMS.get(kind)
     if options is None:
-        return None
+        return _other_spec(fn, kind)
     given = fn.__dict__
     for names in options:  # loops, not all(): this runs once per site and lane
-        params = []
-        for name in names:
-            param = given.get(name)
+        if len(names) == 1:
+            param = given.get(names[0])
             if param is None:
-                break
-            params.append(param)
-        else:
+                continue
+            params: tuple = (param,)
+            break
+        params = tuple(map(given.get, names))
+        if all(map(operator.is_not, params, repeat(None))):
             break
     else:
         return None
     shapes = tuple([(p.shape, p.dtype) for p in params])
     extra = getattr(fn, "has_rsample", None) if kind is dist.Unit else None
-    return (kind, names, extra, shapes), tuple(params)
+    return (kind, names, extra, shapes), params
+
+
+def _other_spec(fn: Any, kind: type) -> tuple[tuple, tuple[torch.Tensor, ...]] | None:
+    """`dist_spec` of a lane's categorical, of `Independent`, or `None`."""
+    if kind is LaneCategorical:  # stacked from the lanes' given parameters, normalized once
+        name, given = fn._lane_given
+        return (dist.Categorical, (name,), None, ((given.shape, given.dtype),)), (given,)
+    if kind is dist.Independent:
+        inner = dist_spec(fn.base_dist)
+        if inner is None:
+            return None
+        return (kind, fn.reinterpreted_batch_ndims, inner[0]), inner[1]
+    return None
 
 
 def build(key: tuple, params: Sequence[torch.Tensor], validate: bool) -> Any:
@@ -115,6 +120,32 @@ def stack(values: Sequence[torch.Tensor]) -> torch.Tensor:
     if all(map(operator.is_, values, repeat(first))):  # in C: this runs per group
         return first.expand((len(values),) + first.shape)
     return torch.stack(values)
+
+
+class Stacker:
+    """`stack` and `unbind` for one draw, remembering what it unbound: lanes that
+    hand back the views of one unbound tensor, all of them and in order (the
+    model replaying a guide's group, a module's outputs passed on), get that
+    tensor back instead of a stack of `n` views (and its backward)."""
+
+    def __init__(self) -> None:
+        self.bases: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(first view) -> both
+
+    def unbind(self, base: torch.Tensor) -> tuple:
+        views = base.unbind(0)
+        if views:  # kept alive with the views: their ids stay theirs for the draw
+            self.bases[id(views[0])] = (views, base)
+        return views
+
+    def stack(self, values: Sequence[torch.Tensor]) -> torch.Tensor:
+        found = self.bases.get(id(values[0]))
+        if (
+            found is not None
+            and len(found[0]) == len(values)
+            and all(map(operator.is_, values, found[0]))
+        ):
+            return found[1]
+        return stack(values)
 
 
 def as_lane_tensor(value: Any) -> torch.Tensor:
@@ -151,19 +182,20 @@ def same_objects(calls: Sequence[tuple[tuple, dict]]) -> bool:
     return True
 
 
-def stacked_call(method: Any, calls: Sequence[tuple[tuple, dict]]) -> list:
+def stacked_call(method: Any, calls: Sequence[tuple[tuple, dict]], stacker: Stacker) -> list:
     """Call `method` once on the lanes' stacked arguments; one output per lane."""
     n = len(calls)
-    args = tuple(_stack_arg([c[0][i] for c in calls]) for i in range(len(calls[0][0])))
-    kwargs = {k: _stack_arg([c[1][k] for c in calls]) for k in calls[0][1]}
-    return split(method(*args, **kwargs), n)
+    columns = [[c[0][i] for c in calls] for i in range(len(calls[0][0]))]
+    args = tuple(_stack_arg(values, stacker) for values in columns)
+    kwargs = {k: _stack_arg([c[1][k] for c in calls], stacker) for k in calls[0][1]}
+    return split(method(*args, **kwargs), n, stacker)
 
 
-def _stack_arg(values: list) -> Any:
-    return stack(values) if isinstance(values[0], torch.Tensor) else values[0]
+def _stack_arg(values: list, stacker: Stacker) -> Any:
+    return stacker.stack(values) if isinstance(values[0], torch.Tensor) else values[0]
 
 
-def split(output: Any, n: int) -> list:
+def split(output: Any, n: int, stacker: Stacker) -> list:
     """One output per lane from a batched output (tensors and tuples of tensors).
 
     `unbind`, not indexing: its backward is one `stack`, where `n` index
@@ -172,9 +204,9 @@ def split(output: Any, n: int) -> list:
     if isinstance(output, torch.Tensor):
         if output.dim() == 0 or output.shape[0] != n:
             raise ValueError(f"batched output of shape {tuple(output.shape)} has no lane dim")
-        return list(output.unbind(0))
+        return list(stacker.unbind(output))
     if isinstance(output, tuple | list) and len(output) > 0:
-        lanes = zip(*[split(o, n) for o in output], strict=True)
+        lanes = zip(*[split(o, n, stacker) for o in output], strict=True)
         if type(output) is tuple:
             return list(lanes)
         if isinstance(output, tuple):  # a namedtuple

@@ -12,7 +12,8 @@ backward and the Adam update, the methods interleaved in one process
 - how the autobatched geometric step grows with the number of lanes `B * K`
   (64 to 4096);
 - the floor: the geometric program's own Python (`_floor_step`), which any
-  execution that runs each lane's Python pays.
+  execution that runs each lane's Python pays, with its distributions built
+  as in the lanes and as written.
 
 Not a test: `batchplate bench --only autobatch [--quick]`.
 """
@@ -24,9 +25,12 @@ from collections.abc import Callable
 
 import pyro
 import torch
+from pyro.distributions.distribution import COERCIONS
+from torch.distributions import Distribution
 
 import batchplate
 
+from ..autobatch._construct import lane_distribution
 from ..examples import geometric, pcfg
 from ..examples._pcfg_programs import PCFG
 from . import timing
@@ -59,13 +63,16 @@ def _geometric_steps(b: int, k: int, padded: bool, sequential: bool) -> dict:
     return steps
 
 
-def _floor_step(b: int, k: int) -> Callable[[int], object]:
+def _floor_step(b: int, k: int, as_lanes: bool = True) -> Callable[[int], object]:
     """The geometric program's own Python, the floor of any lane-by-lane execution.
 
     Guide and model run `k` times over the `b` data with `pyro.sample` replaced
     by a function that returns the observation or the next of a list of fair
     coin flips: no handler, no tensor operation per site, no backward, only
     the program (its recursion, its `Bernoulli` objects, its batch plate).
+    With `as_lanes` its distributions are built as in autobatch's lanes
+    (validation off, `autobatch._construct.lane_distribution`); without, as
+    the program runs by itself (Pyro's default validation, the constructors).
     """
     obs = geometric.sample_data(b, 0.3, seed=0)
     coins = torch.rand(200_000, generator=torch.Generator().manual_seed(0)) < 0.5
@@ -78,12 +85,19 @@ def _floor_step(b: int, k: int) -> Callable[[int], object]:
             return obs if obs is not None else next(draws)
 
         real, pyro.sample = pyro.sample, sample
+        validate = Distribution._validate_args
+        if as_lanes:
+            Distribution.set_default_validate_args(False)
+            COERCIONS.insert(0, lane_distribution)
         try:
             for _ in range(k):
                 geometric.guide_sequential(obs)
                 geometric.model_sequential(obs)
         finally:
             pyro.sample = real
+            if as_lanes:
+                COERCIONS.remove(lane_distribution)
+                Distribution.set_default_validate_args(validate)
 
     return step
 
@@ -122,6 +136,7 @@ def main(quick: bool = False) -> list[dict]:
     rounds = 2 if quick else 5
     steps = _geometric_steps(B, K, True, True)
     steps["floor"] = _floor_step(B, K)
+    steps["floor, as written"] = _floor_step(B, K, as_lanes=False)
     rows = _rows("geometric", timing.interleaved(steps, rounds))
     pyro.clear_param_store()
     rows += _rows("pcfg", timing.interleaved(_pcfg_steps(), 1 if quick else 3))
@@ -138,5 +153,5 @@ def main(quick: bool = False) -> list[dict]:
             if "x_autobatch" in row
             else ""
         )
-        print(f"{row['program']:>24} {row['method']:>11} {row['ms_per_step']:9.1f} ms{extra}")
+        print(f"{row['program']:>24} {row['method']:>17} {row['ms_per_step']:9.1f} ms{extra}")
     return rows
