@@ -173,6 +173,12 @@ def current_lane() -> Lane | None:
     return worker.lane if type(worker) is Worker else None
 
 
+#: A lane's sample request: `(name, fn, value, is_observed, scale, mask)`, the
+#: parts of Pyro's message the scheduler reads (a tuple: one is built per site
+#: and lane). `value` is the observation, or `None`.
+SITE_FIELDS = ("name", "fn", "value", "is_observed", "scale", "mask")
+
+
 class LaneMessenger(Messenger):
     """Suspends lanes at sample sites; shares parameter look-ups between lanes."""
 
@@ -206,7 +212,8 @@ class LaneMessenger(Messenger):
             msg["cond_indep_stack"] = (lane.frame,) + tuple(msg["cond_indep_stack"])
             msg["scale"] = lane.site_scale(msg["scale"])
             lane.phase.check_site(lane, msg["name"])
-            msg["value"] = lane.suspend(msg)
+            site = (msg["name"], msg["fn"], msg["value"], msg["is_observed"])
+            msg["value"] = lane.suspend(site + (msg["scale"], msg["mask"]))
         msg["done"] = msg["stop"] = True
 
 
@@ -434,18 +441,7 @@ def lane_sample(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         return obs
     if lane.taken.setdefault(name, lane.b) != lane.b:  # `Phase.check_site`, inlined
         lane.phase.check_site(lane, name)
-    msg = {
-        "type": "sample",
-        "name": name,
-        "fn": fn,
-        "is_observed": obs is not None,
-        "value": obs,
-        "infer": {} if infer is None else infer,
-        "scale": lane.unit_scale,
-        "mask": None,
-        "cond_indep_stack": (lane.frame,),
-    }
-    return lane.suspend(msg)
+    return lane.suspend((name, fn, obs, obs is not None, lane.unit_scale, None))
 
 
 _FAST_KEYWORDS = frozenset(("obs", "infer"))

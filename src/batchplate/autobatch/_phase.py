@@ -74,7 +74,7 @@ class Phase:
     position: int = 0  # the next of `runnable` to resume
     terms: Terms = field(default_factory=list)
     score_terms: Terms = field(default_factory=list)
-    names: list[tuple[list[int], list[dict], torch.Tensor]] = field(default_factory=list)  # sites
+    names: list[tuple[list[int], tuple, torch.Tensor]] = field(default_factory=list)  # sites
     values: dict[int, dict[str, Any]] = field(default_factory=dict)
     observed: dict[int, dict[str, Any]] = field(default_factory=dict)
     taken: list[dict[str, int]] = field(default_factory=list)  # per particle: site -> datum
@@ -287,8 +287,8 @@ class Phase:
     def culprits(self, k: int, b: int) -> list[str]:
         """Sites with a non-finite log density in lane `(k, b)`."""
         index, found = k * self.B + b, []
-        for ids, msgs, terms in self.names:
-            for i, msg, term in zip(ids, msgs, terms.detach(), strict=True):
+        for ids, sites, terms in self.names:
+            for i, site, term in zip(ids, sites, terms.detach(), strict=True):
                 if i == index and not bool(torch.isfinite(term)):
-                    found.append(f"{self.spec.role} '{msg['name']}' ({float(term)})")
+                    found.append(f"{self.spec.role} '{site[0]}' ({float(term)})")
         return found

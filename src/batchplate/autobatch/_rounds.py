@@ -28,6 +28,7 @@ from ._stack import (
 )
 
 _NOTHING: dict = {}
+NAME, FN, VALUE, OBSERVED, SCALE, MASK = range(6)  # a site request (`_lanes.SITE_FIELDS`)
 
 
 class Group:
@@ -80,33 +81,32 @@ class _SampleKeys:
     def __init__(self, spec: Any) -> None:
         self.observe, self.replay = not spec.uncondition, spec.replay
 
-    def __call__(self, lane: Lane, msg: dict) -> tuple[tuple, tuple]:
-        observed = msg["is_observed"]
+    def __call__(self, lane: Lane, site: tuple) -> tuple[tuple, tuple]:
+        name, fn, value, observed, scale, mask = site  # `_lanes.SITE_FIELDS`
         if observed and self.observe:
-            source, value = "obs", msg["value"]
+            source = "obs"
             if not isinstance(value, torch.Tensor):
                 value = torch.as_tensor(value)
         else:
             replay = self.replay
-            value = None if replay is None else replay.get(lane.index, _NOTHING).get(msg["name"])
+            value = None if replay is None else replay.get(lane.index, _NOTHING).get(name)
             source = "draw" if value is None else "replay"
-        found = dist_spec(msg["fn"])
+        found = dist_spec(fn)
         if found is None:
-            warn_once(f"site '{msg['name']}' ({type(msg['fn']).__name__})", "not stackable")
-            return ("lane", id(msg)), (lane, msg, None, value)
-        scale = msg["scale"]
+            warn_once(f"site '{name}' ({type(fn).__name__})", "not stackable")
+            return ("lane", id(site)), (lane, site, None, value)
         scaled = type(scale) is not float or scale != 1.0
         shape = None if value is None else value.shape
-        key = ("site", found[0], source, shape, msg["mask"] is not None, scaled, observed)
-        return key, (lane, msg, found[1], value)
+        key = ("site", found[0], source, shape, mask is not None, scaled, observed)
+        return key, (lane, site, found[1], value)
 
 
 def _sites(phase: Any, key: tuple, group: Group) -> None:
     """Draw, replay or observe a group's sites as one distribution, score it and
     answer its lanes."""
     source, observed = key[2], key[6]
-    msgs = group.requests
-    first = msgs[0]["fn"]
+    sites = group.requests
+    first = sites[0][FN]
     try:
         stacker = phase.shared.stacker
         params = [stacker.stack(column) for column in zip(*group.params, strict=True)]
@@ -114,7 +114,7 @@ def _sites(phase: Any, key: tuple, group: Group) -> None:
         if fn.batch_shape[1:] != first.batch_shape or fn.event_shape != first.event_shape:
             raise ValueError(f"stacked shape {fn.batch_shape} + {fn.event_shape}")
     except (ValueError, RuntimeError, TypeError) as e:
-        warn_once(f"site '{msgs[0]['name']}' ({type(first).__name__})", str(e))
+        warn_once(f"site '{sites[0][NAME]}' ({type(first).__name__})", str(e))
         for lane, output in zip(group.lanes, _lane_sites(phase, group), strict=True):
             lane.answer = output
         return
@@ -137,15 +137,15 @@ def _sites(phase: Any, key: tuple, group: Group) -> None:
 def _lane_sites(phase: Any, group: Group) -> list:
     """Sites that cannot be stacked, each drawn and scored in its own lane."""
     outputs = []
-    for i, msg in enumerate(group.requests):
-        one = Group([(group.lanes[i], msg, None, group.given[i])])
-        fn, value = msg["fn"], group.given[i]
+    for i, site in enumerate(group.requests):
+        one = Group([(group.lanes[i], site, None, group.given[i])])
+        fn, value = site[FN], group.given[i]
         if value is None:
             value = fn.rsample() if fn.has_rsample else fn.sample()
             if phase.spec.detach:
                 value = value.detach()
         _record(phase, one, fn.log_prob(value).unsqueeze(0), not fn.has_rsample)
-        _keep(phase, one, [value], msg["is_observed"])
+        _keep(phase, one, [value], site[OBSERVED])
         outputs.append(value)
     return outputs
 
@@ -153,29 +153,29 @@ def _lane_sites(phase: Any, group: Group) -> list:
 def _keep(phase: Any, group: Group, views: Any, observed: bool) -> None:
     """Answer the lanes with their values and remember them, for the next
     phase's replay and the sleep's observations."""
-    for lane, msg, view in zip(group.lanes, group.requests, views, strict=True):
+    for lane, site, view in zip(group.lanes, group.requests, views, strict=True):
         lane.answer = view
-        lane.values[msg["name"]] = view
+        lane.values[site[NAME]] = view
     if observed:
-        for lane, msg, view in zip(group.lanes, group.requests, views, strict=True):
-            phase.observed.setdefault(lane.index, {})[msg["name"]] = view
+        for lane, site, view in zip(group.lanes, group.requests, views, strict=True):
+            phase.observed.setdefault(lane.index, {})[site[NAME]] = view
 
 
 def _record(phase: Any, group: Group, log_prob: torch.Tensor, score: bool) -> None:
     """Add each lane's masked and scaled log density (summed over its inner
     plates and event dims) to the lane's terms."""
-    msgs = group.requests
+    sites = group.requests
     n, shape = log_prob.shape[0], log_prob.shape[1:]
     unscaled = log_prob
-    if msgs[0]["mask"] is not None:
-        mask = torch.stack([as_lane_tensor(m["mask"]).expand(shape) for m in msgs])
+    if sites[0][MASK] is not None:
+        mask = torch.stack([as_lane_tensor(site[MASK]).expand(shape) for site in sites])
         unscaled = torch.where(mask, log_prob, log_prob.new_zeros(()))
-    scaled = unscaled * _scales([m["scale"] for m in msgs], shape, log_prob)
+    scaled = unscaled * _scales([site[SCALE] for site in sites], shape, log_prob)
     ids = [lane.index for lane in group.lanes]
     if log_prob.dim() > 1:
         scaled, unscaled = scaled.reshape(n, -1).sum(1), unscaled.reshape(n, -1).sum(1)
     phase.terms.append((ids, scaled))
-    phase.names.append((ids, msgs, scaled))
+    phase.names.append((ids, sites, scaled))
     if score and phase.spec.role == "guide":
         phase.score_terms.append((ids, unscaled))
 
