@@ -24,7 +24,8 @@ from .errors import BatchPlateError
 
 # Set by `batchplate.autobatch` while its lanes run; a hook, not an import, so
 # the plate does not depend on autobatch. In a lane, `hook.position(plate)` is
-# `(position of the lane's datum, its index, context marking the lane inside its plate)`
+# `(position of the lane's datum, its index, the lane)`, the lane flagged
+# `in_plate` during the loop's body and `broke` if the body left early,
 # and `hook.plate_state(name, size, subsample_size, subsample, dim, device)` the
 # plate's checked attributes, shared by the lanes (minibatch included); outside
 # lanes both return `None`.
@@ -234,15 +235,17 @@ class batch_plate(plate):
             raise ValueError(f"cannot use plate {self.name} as both vectorized and sequential")
         self.counter = position
         self.next_context()
-        with inside:
-            try:
-                yield index
-            except GeneratorExit:
-                # The loop body left early (`break`, `return`): the sequential
-                # program would not have reached the later data. The hook raises
-                # once the lane has finished (an error here would be lost).
-                inside.ended_early()
-                raise
+        inside.in_plate = True
+        try:
+            yield index
+        except GeneratorExit:
+            # The loop body left early (`break`, `return`): the sequential
+            # program would not have reached the later data. The hook raises
+            # once the lane has finished (an error here would be lost).
+            inside.broke = True
+            raise
+        finally:
+            inside.in_plate = False
 
     def _check_not_nested(self) -> None:
         outer = next((f for f in get_plates() if isinstance(f, BatchFrame)), None)

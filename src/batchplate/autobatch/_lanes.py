@@ -64,7 +64,7 @@ class Lane:
     frame: BatchFrame | None = None  # the batch plate's frame at this lane's datum
     plate_scale = (1, 1)  # (N, B): Pyro's subsampling scale is N / B
     unit_scale = 1.0  # a site's scale without handlers of its own: 1.0 * N / B
-    in_plate = False
+    in_plate = False  # in the body of its batch plate's loop (set by the plate)
     broke = False  # its loop over the batch plate ended early (break, return)
     worker: Worker | None = None  # once started
     done = False
@@ -77,17 +77,6 @@ class Lane:
         self.base_len = phase.base_len  # handlers below the lane's own: the caller's, ours
         self.values: dict[str, Any] = {}  # site name -> value (`Phase.values[index]`)
         self.taken = phase.taken[k]  # the particle's site names -> their datum
-
-    def __enter__(self) -> Lane:  # the body of the batch plate's loop
-        self.in_plate = True
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.in_plate = False
-
-    def ended_early(self) -> None:
-        """The batch plate's loop was left during this lane's datum."""
-        self.broke = True
 
     def site_scale(self, scale: Any) -> Any:
         """A site's scale with the batch plate's `N / B`, computed as Pyro's plate does."""
@@ -494,9 +483,10 @@ class _PlateHook:
         self.shared = shared
 
     def position(self, plate: Any) -> tuple[int, Any, Lane] | None:
-        lane = current_lane()
-        if lane is None:
+        worker = getcurrent()
+        if type(worker) is not Worker:
             return None
+        lane = worker.lane
         position = lane.phase.enter_plate(lane, plate)
         return position, self.shared.index_at(plate.indices, position), lane
 
