@@ -135,18 +135,19 @@ class Worker(greenlet):
             if type(target) is Lane:
                 lane = target
             else:
-                phase = lane = None
-                lane = _park(self, target)
+                workers, phase, lane = phase.pool, None, None
+                lane = _park(self, target, workers)
 
 
-def _park(worker: Worker, target: greenlet) -> Lane | None:
-    """Park `worker` in the pool and switch to `target`; return the lane it is
-    resumed with, or `None` to end it."""
-    pool().append(worker)
+def _park(worker: Worker, target: greenlet, workers: list[Worker]) -> Lane | None:
+    """Park `worker` in the pool `workers` and switch to `target`; return the lane
+    it is resumed with, or `None` to end it."""
+    workers.append(worker)
     return target.switch()
 
 
 _local = threading.local()
+MAX_PARKED = 8192  # parked workers kept per thread (a parked worker holds a few kB)
 
 
 def pool() -> list[Worker]:

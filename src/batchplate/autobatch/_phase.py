@@ -23,6 +23,7 @@ from ..validation import GLOBAL_LATENT_HINT
 from ._lanes import (
     DIMS,
     HANDLERS,
+    MAX_PARKED,
     Lane,
     LaneMessenger,
     PlateEntry,
@@ -113,6 +114,7 @@ class Phase:
             DIMS[:] = dims
         self._check_lanes()
         self.lanes = []  # lanes refer to their phase: no cycle left for the collector
+        del self.pool[MAX_PARKED:]  # the rest end (a phase with more lanes started them)
         return self
 
     def hand_over(self, lane_running: bool = False) -> None:
