@@ -328,3 +328,69 @@ def test_example_autobatch_form_trains(example, tmp_path):
     else:
         assert metrics["tv"] != metrics["initial_tv"]
     assert example.make_objective("rws", 2, "autobatch").autobatch
+
+
+def _normal_model(x):
+    for b in batch_plate("data", len(x)):
+        z = pyro.sample(f"z_{b}", dist.Normal(0.0, 1.0))
+        pyro.sample(f"x_{b}", dist.Normal(z, 1.0), obs=x[b])
+
+
+def _normal_guide(x, fail_at=None):
+    loc = pyro.param("loc", torch.tensor(0.3))
+    for b in batch_plate("data", len(x)):
+        if b == fail_at:
+            raise RuntimeError(f"lane of datum {b} fails")
+        pyro.sample(f"z_{b}", dist.Normal(loc, 1.0))
+
+
+def test_workers_are_reused_and_survive_a_failing_lane():
+    """Lanes run on pooled greenlets: a second draw reuses them with the same
+    numbers, and a lane that raises ends its phase cleanly (its exception, the
+    caller's handler stack restored), the next draw unaffected."""
+    from batchplate.autobatch import _lanes
+
+    pyro.clear_param_store()
+    x = torch.linspace(-1, 1, 6)
+    pyro.set_rng_seed(3)
+    first = autobatch_log_weights(_normal_model, _normal_guide, (x,), {}, num_particles=4)
+    parked = len(_lanes.pool())
+    assert parked >= 24  # every lane was suspended at its first site at once
+    with pytest.raises(RuntimeError, match="datum 2 fails"):
+        autobatch_log_weights(_normal_model, _normal_guide, (x, 2), {}, num_particles=4)
+    assert _lanes.HANDLERS == [] and pyro.sample is _lanes._PYRO_SAMPLE
+    pyro.set_rng_seed(3)
+    again = autobatch_log_weights(_normal_model, _normal_guide, (x,), {}, num_particles=4)
+    assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])
+
+
+def test_lanes_in_another_thread_have_their_own_workers():
+    import threading
+
+    pyro.clear_param_store()
+    x = torch.linspace(-1, 1, 5)
+    found = {}
+
+    def run():
+        pyro.set_rng_seed(4)
+        found["thread"] = autobatch_log_weights(
+            _normal_model, _normal_guide, (x,), {}, num_particles=3
+        )
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    pyro.set_rng_seed(4)
+    here = autobatch_log_weights(_normal_model, _normal_guide, (x,), {}, num_particles=3)
+    assert torch.equal(found["thread"][0], here[0])
+
+
+def test_stacker_returns_the_unbound_tensor_only_for_its_views_in_order():
+    from batchplate.autobatch._stack import Stacker
+
+    stacker, base = Stacker(), torch.arange(12.0).reshape(4, 3)
+    views = stacker.unbind(base)
+    assert stacker.stack(list(views)) is base
+    for other in (views[::-1], views[:3], views[:2] + (views[0].clone(), views[3])):
+        stacked = stacker.stack(list(other))
+        assert stacked is not base and torch.equal(stacked, torch.stack(other))
