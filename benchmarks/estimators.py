@@ -2,7 +2,7 @@
 
     python benchmarks/estimators.py snr    [--reps 2000] [--vae-reps 60]
     python benchmarks/estimators.py learn  [--steps 3000] [--seeds 0 1] [--test-size N]
-    python benchmarks/estimators.py gmm    [--steps 4000] [--seeds 0 1 2]
+    python benchmarks/estimators.py gmm    [--steps 3000] [--seeds 0 1] [--Ks 2 5] [--defensive 0.2]
 
 `snr`: the guide gradient's signal-to-noise ratio `|E g| / sd(g)` of IWAE,
 IWAE-DReG, RWS (wake-phi) and RWS-DReG for K in {1, 4, 16, 64, 256} (RWS from
@@ -13,7 +13,8 @@ fitted log-log slopes and a PNG (docs/img/estimators-snr.png).
 `learn`: the digits VAE trained at K = 50 with IWAE, IWAE-DReG and RWS-DReG:
 test log-likelihood (`log_evidence`, K = 5000) and the guide's per-datum
 effective sample size at K = 50 on the test set.
-`gmm`: the GMM example's wake-wake RWS with and without `defensive=0.2`.
+`gmm`: the GMM example's wake-wake RWS with and without `defensive=0.2`, paired by
+seed; ends with a table per K of mean +- standard error over the seeds.
 """
 
 from __future__ import annotations
@@ -179,30 +180,61 @@ def learn_main(args) -> None:
 def gmm_main(args) -> None:
     """The GMM example's own training (`gmm.train`: its data, minibatches, Adam
     schedule and metrics), with wake-wake RWS built with and without `defensive`.
-    K and seed outer, the two proposals inner: an interrupted run stays paired."""
-    from batchplate.examples import gmm as gmm_example
-
-    standard = gmm_example.make_objective
+    K and seed outer, the two proposals inner: an interrupted run stays paired.
+    Ends with a table per K: mean +- standard error over seeds of each proposal's
+    final weight error and KL, and of their paired difference (defensive - plain)."""
+    results: dict = {}
     for K in args.Ks:
         for seed in args.seeds:
             for defensive in (0.0, args.defensive):
-                gmm_example.make_objective = lambda name, K, eps=defensive: (
-                    batchplate.ReweightedWakeSleep(
-                        num_particles=K, defensive=eps, vectorize_particles=True,
-                        max_plate_nesting=1,
-                    )
-                )  # fmt: skip
                 t0 = time.perf_counter()
-                try:
-                    _, hist = gmm_example.train("rws", K, steps=args.steps, seed=seed)
-                finally:
-                    gmm_example.make_objective = standard
+                weight_error, kl = gmm_run(K, seed, defensive, args.steps)
+                results[K, seed, defensive] = (weight_error, kl)
                 print(
                     f"rws defensive={defensive} K={K} seed={seed}: weight error "
-                    f"{hist['weight_error'][-1]:.3f}, KL {hist['kl'][-1]:.2f} "
+                    f"{weight_error:.3f}, KL {kl:.2f} "
                     f"({args.steps} steps, {time.perf_counter() - t0:.0f}s)",
                     flush=True,
                 )
+    gmm_table(results, args)
+
+
+def gmm_run(K: int, seed: int, defensive: float, steps: int) -> tuple[float, float]:
+    """Final (weight error, posterior KL) of the GMM example's wake-wake training."""
+    from batchplate.examples import gmm as gmm_example
+
+    standard = gmm_example.make_objective
+    gmm_example.make_objective = lambda name, K: batchplate.ReweightedWakeSleep(
+        num_particles=K, defensive=defensive, vectorize_particles=True, max_plate_nesting=1
+    )
+    try:
+        _, hist = gmm_example.train("rws", K, steps=steps, seed=seed)
+    finally:
+        gmm_example.make_objective = standard
+    return hist["weight_error"][-1], hist["kl"][-1]
+
+
+def mean_sem(values: list[float]) -> str:
+    sem = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return f"{statistics.mean(values):.3f} ± {sem:.3f}"
+
+
+def gmm_table(results: dict, args) -> None:
+    """A markdown table, one row per K, over the seeds that ran both proposals."""
+    eps = args.defensive
+    print(f"\n{args.steps} steps, seeds {args.seeds}, mean ± s.e.m. over seeds")
+    print("| K | weight error, plain | weight error, defensive | difference | "
+          "KL, plain | KL, defensive | difference |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for K in args.Ks:
+        seeds = [s for s in args.seeds if (K, s, eps) in results]
+        cells = []
+        for metric in (0, 1):
+            plain = [results[K, s, 0.0][metric] for s in seeds]
+            defensive = [results[K, s, eps][metric] for s in seeds]
+            diff = [d - p for d, p in zip(defensive, plain, strict=True)]
+            cells += [mean_sem(plain), mean_sem(defensive), mean_sem(diff)]
+        print(f"| {K} | " + " | ".join(cells) + " |")
 
 
 def main() -> None:

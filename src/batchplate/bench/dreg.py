@@ -42,7 +42,21 @@ def _step(name: str, estimator: str, x: torch.Tensor):
 
 
 def main(quick: bool = False) -> list[dict]:
-    """Print and return one row per objective and estimator, with DReG's paired ratio."""
+    """Print and return one row per objective and estimator, with DReG's paired ratio.
+
+    One torch thread, as the other step benchmarks: on a shared machine a second
+    thread waits for a core, which swamps the step (hundreds of ms instead of ~10).
+    """
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(old_threads)
+        pyro.clear_param_store()
+
+
+def _run(quick: bool) -> list[dict]:
     pyro.clear_param_store()
     torch.manual_seed(0)
     train, _ = vae_example.load_data()
@@ -68,7 +82,10 @@ def main(quick: bool = False) -> list[dict]:
                 "paired_ratio": ratio,
             }
         )
-    print(f"digits VAE, B={B}, K={K}, {rounds} rounds x {per_round} steps, median ms/step")
+    print(
+        f"digits VAE, B={B}, K={K}, 1 torch thread, {rounds} rounds x {per_round} steps, "
+        "median ms/step"
+    )
     print(f"{'objective':10s} {'standard':>9s} {'dreg':>9s} {'dreg/standard':>14s}")
     for r in rows:
         print(
