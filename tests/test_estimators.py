@@ -510,3 +510,55 @@ def test_a_point_mass_site_keeps_the_standard_gradient(estimator):
         grads[est] = [pyro.param(n).unconstrained().grad.clone() for n in ("m_map", "loc")]
     assert torch.allclose(grads[estimator][0], grads["standard"][0], rtol=1e-10, atol=1e-12)
     assert not torch.allclose(grads[estimator][1], grads["standard"][1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+@pytest.mark.parametrize("form", ["loss_and_grads", "losses"])
+def test_rws_dreg_gives_a_local_point_mass_the_standard_rws_gradient(vectorize, form):
+    """A MAP site in the batch plate (`dist.Delta` at a per-datum parameter): standard
+    RWS detaches its draw, and its `log q` does not depend on its parameter, so its
+    gradient is zero; RWS-DReG's must be too (not `(w~ - w~^2) dl/dz`), on the same
+    draws, while the random site's stays the DReG one, by hand. Both forms: the
+    shared model pass (`loss_and_grads`) and the two losses (`losses`)."""
+    N, K = 4, 3
+    x = CONJ.data(N, seed=21).to(F64)
+    offset = torch.linspace(-0.3, 0.3, N, dtype=F64)
+
+    def model(x):
+        with batch_plate("data", N):
+            w = pyro.sample("w", dist.Normal(CONJ.m, CONJ.s))
+            b = pyro.sample("b", dist.Normal(torch.zeros(N, dtype=F64), 1.0))
+            pyro.sample("x", dist.Normal(w + b, CONJ.t), obs=x)
+
+    rec = []
+
+    def guide(x):
+        loc = pyro.param("loc", A * x + C + 0.4)
+        log_scale = pyro.param("log_scale", torch.full_like(x, math.log(R * 1.3)))
+        b = pyro.param("b_map", offset.clone())
+        with batch_plate("data", N) as idx:
+            rec.append((idx, pyro.sample("w", dist.Normal(loc, log_scale.exp()))))
+            pyro.sample("b", dist.Delta(b))
+
+    names = ("b_map", "loc", "log_scale")
+    grads = {}
+    for name in ("rws", "rws-dreg"):
+        pyro.clear_param_store()
+        pyro.set_rng_seed(22)
+        rec.clear()
+        obj = objective(name, K, vectorize)
+        if form == "loss_and_grads":
+            obj.loss_and_grads(model, guide, x)
+            got = [pyro.param(n).unconstrained().grad for n in names]
+        else:
+            theta, phi = obj.losses(model, guide, x)
+            params = [pyro.param(n).unconstrained() for n in names]
+            got = torch.autograd.grad(theta + phi, params, allow_unused=True)
+        grads[name] = [torch.zeros(N, dtype=F64) if g is None else g for g in got]
+    assert grads["rws"][0].abs().max() == 0  # standard RWS: no gradient at all
+    assert grads["rws-dreg"][0].abs().max() < 1e-12, grads["rws-dreg"][0]
+    idx, w = recorded(rec, N)  # the draws of the DReG run; b shifts x by its value
+    want = hand_grads(x - offset, idx, w, COEFS["rws-dreg"])
+    for got, exp in zip(grads["rws-dreg"][1:], want, strict=True):
+        assert torch.allclose(got[idx], exp / N, atol=1e-12), (got[idx], exp / N)
+    assert grads["rws-dreg"][1].abs().max() > 1e-3

@@ -106,7 +106,10 @@ class SamplePaths:
     point_masses: bool = False
     """Keep point-mass guide sites (MAP, `dist.Delta`) among the latents. They have
     no density parameter to reparameterize, so their gradient must stay the standard
-    estimator's, which the objectives give them when they are left out."""
+    estimator's, which the objectives give them when they are left out; RWS-DReG
+    keeps them (flagged in `masses`) to cut them, as standard RWS detaches them."""
+    masses: list[bool] = field(default_factory=list)
+    """Per latent: whether it is a point mass (only with `point_masses`)."""
 
     def __call__(self, pair: Pair, batch: BatchInfo, K: int) -> torch.Tensor:
         model_trace, guide_trace = pair
@@ -114,11 +117,13 @@ class SamplePaths:
             self.subsample = subsample_trace(pair)
         sites = density_sites(guide_trace)
         for s in sites:
-            if not self.point_masses and _is_point_mass(s):
+            mass = _is_point_mass(s)
+            if mass and not self.point_masses:
                 continue
             if is_reparameterized(s) and s["value"].requires_grad:
                 self.latents.append(s["value"])
                 self.layouts.append((s, batch, K, self.rows))
+                self.masses.append(mass)
         self.rows += K
         if self.prior:
             latent = [s for s in density_sites(model_trace) if not s["is_observed"]]
@@ -141,10 +146,14 @@ class SamplePaths:
 def _is_point_mass(site: dict) -> bool:
     """A `dist.Delta` guide site that is a point estimate (not an autoguide's Delta
     carrying a random draw, marked `random_point`)."""
+    return _is_delta(site) and not site["infer"].get("random_point")
+
+
+def _is_delta(site: dict) -> bool:
     fn = site["fn"]
     while hasattr(fn, "base_dist"):  # masked, independent, expanded wrappers
         fn = fn.base_dist
-    return isinstance(fn, Delta) and not site["infer"].get("random_point")
+    return isinstance(fn, Delta)
 
 
 def nonreparam_log_q(weights: LogWeights) -> torch.Tensor:
@@ -295,9 +304,14 @@ def rws_dreg_paths(
         return cut, None
     c = normalized - normalized * normalized
     density_path = path_grads(c * weights.log_q, weights.paths)
-    scaled = per_particle(1 - normalized, model_path, weights.paths)
+    # A point mass is cut and no more: standard RWS detaches its draw and its log q
+    # does not depend on its parameter, so its wake-phi gradient is zero.
+    masses = weights.paths.masses
+    own = [None if mass else g for g, mass in zip(model_path, masses, strict=True)]
+    scaled = per_particle(1 - normalized, own, weights.paths)
     phi = [
-        _minus(a, b) for a, b in zip(scaled, density_path, strict=True)
+        None if mass else _minus(a, b)
+        for a, b, mass in zip(scaled, density_path, masses, strict=True)
     ]  # (1 - w~) w~ dlog p/dz - c dlog q/dz
     return cut, path_surrogate(phi, weights.paths, normalized)
 
@@ -348,14 +362,20 @@ def rescaled_paths(
     draws; a global draw is shared by every datum); the hook is not recorded by a
     compiled (Jit) step. `cut=True`
     says `factor` is zero: the draws pass nothing on, and no density product is needed.
+    A point mass among the latents (RWS-DReG keeps them, `SamplePaths.masses`) passes
+    nothing on either.
     """
     paths = weights.paths
     if cut:
         density = [None] * len(paths.latents)
     else:
         density = path_grads(w * weights.log_q, paths)
-    wanted = [z.requires_grad for z in paths.latents]
-    for z, f in zip(paths.latents, particle_factors(factor, paths, wanted), strict=True):
-        if f is not None:
+    masses = paths.masses
+    wanted = [z.requires_grad and not m for z, m in zip(paths.latents, masses, strict=True)]
+    factors = particle_factors(factor, paths, wanted)
+    for z, f, mass in zip(paths.latents, factors, masses, strict=True):
+        if mass:  # kept only by RWS-DReG, to be cut: standard RWS detaches its draw
+            z.register_hook(torch.zeros_like)
+        elif f is not None:
             z.register_hook(lambda g, f=f: g * f)
     return path_surrogate([None if g is None else -g for g in density], paths, w)

@@ -157,7 +157,7 @@ class ReweightedWakeSleep(BatchObjective):
     def _wake_weights(self, model: Callable, guide: Callable, args, kwargs) -> LogWeights:
         """Guide particles for the wake phases: detached, except for DReG, which
         differentiates through them (and keeps wake-theta off the guide itself)."""
-        if self.estimator == "dreg":  # (a point-mass site's draw is cut with the others)
+        if self.estimator == "dreg":  # (a point mass is cut, with no wake-phi path)
             return weigh_paths(self, model, guide, args, kwargs, point_masses=True)
         if self.defensive > 0:
             return weigh_paths(
