@@ -12,7 +12,8 @@ import pyro
 import pyro.distributions as dist
 import pytest
 import torch
-from pyro.infer.autoguide import AutoDelta, AutoMultivariateNormal, AutoNormal
+from pyro.distributions import constraints
+from pyro.infer.autoguide import AutoDelta, AutoDiagonalNormal, AutoMultivariateNormal, AutoNormal
 
 import batchplate
 from batchplate import BatchPlateError, batch_plate
@@ -92,3 +93,109 @@ def test_auto_normal_runs_under_every_objective():
 def test_joint_autoguide_over_local_latents_names_the_coupling():
     with pytest.raises(BatchPlateError, match="A joint guide over the data couples them"):
         batchplate.Trace_ELBO().loss(model, AutoMultivariateNormal(model), X)
+
+
+# -- sample-path estimators (docs/estimators.md) ----------------------------------------
+
+F64 = torch.float64
+N = 5
+XF = (8.5 + 1.25 * torch.randn(N, generator=torch.Generator().manual_seed(1))).to(F64)
+SCALE = torch.distributions.biject_to(constraints.softplus_positive)  # autoguides' scales
+DREG = {
+    "stl": lambda **kw: batchplate.Trace_ELBO(estimator="stl", **kw),
+    "iwae-dreg": lambda **kw: batchplate.RenyiELBO(alpha=0, estimator="dreg", **kw),
+    "rws-dreg": lambda **kw: batchplate.ReweightedWakeSleep(estimator="dreg", **kw),
+}
+STANDARD = {
+    "stl": batchplate.Trace_ELBO,
+    "iwae-dreg": batchplate.RenyiELBO,
+    "rws-dreg": batchplate.ReweightedWakeSleep,
+}
+CASES = [(g, n) for g in (AutoNormal, AutoDiagonalNormal) for n in DREG]
+CASES.remove((AutoDiagonalNormal, "rws-dreg"))  # refused, see the test below
+
+
+def f64_model(positive=False):
+    """The scale model in float64; `positive`: a LogNormal prior (a log-transformed latent)."""
+
+    def model(x):
+        with batch_plate("data", N):
+            m = torch.tensor(2.0 if positive else 8.5, dtype=F64)
+            w = pyro.sample("w", dist.LogNormal(m, 0.5) if positive else dist.Normal(m, 1.0))
+            pyro.sample("x", dist.Normal(w, 0.75), obs=x)
+
+    return model
+
+
+def autoguide_at(kind, model, loc, scale):
+    """`kind(model)` with its per-datum `(loc, scale)` set; its parameters' names."""
+    guide = kind(model)
+    guide(XF)  # builds the prototype and the parameters (and draws: reseed after)
+    prefix = kind.__name__
+    names = (f"{prefix}.locs.w", f"{prefix}.scales.w") if kind is AutoNormal else None
+    names = names or (f"{prefix}.loc", f"{prefix}.scale")
+    with torch.no_grad():
+        pyro.param(names[0]).unconstrained().copy_(loc)
+        pyro.param(names[1]).unconstrained().copy_(SCALE.inv(scale))
+    return guide, names
+
+
+def step_grads(objective, model, guide, names, seed):
+    pyro.set_rng_seed(seed)
+    objective.loss_and_grads(model, guide, XF)
+    grads = [pyro.param(n).unconstrained().grad for n in names]
+    return torch.stack([torch.zeros(N, dtype=F64) if g is None else g for g in grads])
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=lambda v: getattr(v, "__name__", v))
+def test_autoguide_sample_path_gradient_is_zero_at_the_exact_posterior(kind, name):
+    """At the exact posterior `N(0.64 x + 3.06, 0.6)` every log weight is `log p(x_b)`:
+    STL's and DReG's guide gradients vanish for every draw (the standard ones do not)."""
+    kw = dict(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    scale = torch.full((N,), 0.6, dtype=F64)
+    for seed in range(3):
+        pyro.clear_param_store()
+        guide, names = autoguide_at(kind, f64_model(), 0.64 * XF + 3.06, scale)
+        got = step_grads(DREG[name](**kw), f64_model(), guide, names, seed)
+        assert got.abs().max() < 1e-12, (seed, got)
+        pyro.clear_param_store()
+        guide, names = autoguide_at(kind, f64_model(), 0.64 * XF + 3.06, scale)
+        standard = step_grads(STANDARD[name](**kw), f64_model(), guide, names, seed)
+        assert standard.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("kind,name", CASES, ids=lambda v: getattr(v, "__name__", v))
+@pytest.mark.parametrize("positive", [False, True])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_autoguide_sample_path_gradient_equals_the_hand_written_guides(
+    kind, name, positive, vectorize
+):
+    """Off the posterior, on the same draws: an autoguide's latent is a `Delta` at a
+    transform of an auxiliary Normal draw, and its gradient must be that of the same
+    family written by hand (`Normal`, or `LogNormal` for the log-transformed latent)."""
+    loc = torch.linspace(1.5, 2.5, N, dtype=F64) + (0.0 if positive else 7.0)
+    scale = torch.linspace(0.2, 0.6, N, dtype=F64)
+    model = f64_model(positive)
+
+    def hand(x):
+        q_loc = pyro.param("loc", loc.clone())
+        q_scale = pyro.param("scale", scale.clone(), constraint=constraints.softplus_positive)
+        with batch_plate("data", N):
+            pyro.sample("w", (dist.LogNormal if positive else dist.Normal)(q_loc, q_scale))
+
+    kw = dict(num_particles=4, vectorize_particles=vectorize, max_plate_nesting=1)
+    pyro.clear_param_store()
+    want = step_grads(DREG[name](**kw), model, hand, ("loc", "scale"), seed=2)
+    pyro.clear_param_store()
+    guide, names = autoguide_at(kind, model, loc, scale)
+    got = step_grads(DREG[name](**kw), model, guide, names, seed=2)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12), (got, want)
+    assert want.abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("estimator", ["standard", "dreg"])
+def test_rws_refuses_auto_diagonal_normal_for_local_latents_naming_it(estimator):
+    guide = AutoDiagonalNormal(model)
+    rws = batchplate.ReweightedWakeSleep(num_particles=2, estimator=estimator)
+    with pytest.raises(BatchPlateError, match="cannot use AutoDiagonalNormal.*Use AutoNormal"):
+        rws.loss(model, guide, X)

@@ -52,10 +52,12 @@ class adopt_batch_frames(Messenger):
         super().__init__()
         self.guide = guide
         self.shares: dict[str, torch.Tensor] = {}  # Delta site -> its coordinates' log q
+        self.auxiliary: set[str] = set()  # the auxiliary sites drawn so far
 
     def _process_message(self, msg: Any) -> None:
         if msg["type"] != "sample":
             return
+        mark_random_point(msg, self.auxiliary)
         batch = batch_frames(self.guide)
         if not batch:
             return
@@ -79,6 +81,17 @@ class adopt_batch_frames(Messenger):
         part = msg["infer"].get("batchplate_diagonal") if msg["type"] == "sample" else None
         if part is not None:
             self.shares = diagonal_shares(part, msg["fn"], msg["value"])
+
+
+def mark_random_point(msg: dict, auxiliary: set[str]) -> None:
+    """Mark `AutoNormal`'s `Delta` at the transform of its auxiliary draw
+    `{name}_unconstrained` as `random_point`: a random latent, not a point estimate
+    (MAP). The sample-path estimators (docs/estimators.md) then differentiate
+    through the auxiliary draw, and never cut or reweight the `Delta` as a MAP site."""
+    if msg["infer"].get("is_auxiliary"):
+        auxiliary.add(msg["name"])
+    elif isinstance(msg["fn"], Delta) and f"{msg['name']}_unconstrained" in auxiliary:
+        msg["infer"]["random_point"] = True
 
 
 def batch_frames(guide: AutoGuide) -> dict:
@@ -109,6 +122,16 @@ def local_sites(part: AutoGuide) -> list[str]:
         name
         for name, site in part.prototype_trace.iter_stochastic_nodes()
         if any(isinstance(f, BatchFrame) for f in site["cond_indep_stack"])
+    ]
+
+
+def flat_vector_parts(guide: object) -> list[str]:
+    """The kinds of `guide`'s `AutoContinuous` parts that draw latents of the batch plate
+    (as one flat vector outside it); none for a guide that is not an `AutoGuide`."""
+    if not isinstance(guide, AutoGuide):
+        return []
+    return [
+        type(p).__name__ for p in parts(guide) if isinstance(p, AutoContinuous) and local_sites(p)
     ]
 
 

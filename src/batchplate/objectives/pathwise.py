@@ -118,7 +118,7 @@ class SamplePaths:
         sites = density_sites(guide_trace)
         for s in sites:
             mass = _is_point_mass(s)
-            if mass and not self.point_masses:
+            if _is_random_point(s) or (mass and not self.point_masses):
                 continue
             if is_reparameterized(s) and s["value"].requires_grad:
                 self.latents.append(s["value"])
@@ -147,6 +147,16 @@ def _is_point_mass(site: dict) -> bool:
     """A `dist.Delta` guide site that is a point estimate (not an autoguide's Delta
     carrying a random draw, marked `random_point`)."""
     return _is_delta(site) and not site["infer"].get("random_point")
+
+
+def _is_random_point(site: dict) -> bool:
+    """An autoguide's `Delta` at a transform of its auxiliary draw (`random_point`).
+
+    Not a latent of its own: the auxiliary draw is, and the log weight's derivative
+    with respect to it follows the transform, the Jacobian in the `Delta`'s density
+    and the auxiliary density alike, which is the sample path of `q` as a whole.
+    """
+    return _is_delta(site) and bool(site["infer"].get("random_point"))
 
 
 def _is_delta(site: dict) -> bool:

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import torch
 from pyro.util import warn_if_nan
 
+from ..autoguides import flat_vector_parts
 from ..errors import BatchPlateError
 from ..plate import check_positive_int
 from ..validation import NoSampleSitesError
@@ -127,13 +128,13 @@ class ReweightedWakeSleep(BatchObjective):
     def _phases(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Losses:
         wake_theta = wake_phi = sleep_phi = None
         if self.model_has_params or self.insomnia > 0:
-            weights = _local_only(self._wake_weights(model, guide, args, kwargs))
+            weights = _local_only(self._wake_weights(model, guide, args, kwargs), guide)
             wake_theta, wake_phi = self._wake(weights, (model, guide, args, kwargs))
             batch = weights.batch
         if self.insomnia < 1:
             S = self.num_sleep_particles
             weights = _local_only(
-                self.weigh(model, guide, args, kwargs, num_particles=S, sleep=True)
+                self.weigh(model, guide, args, kwargs, num_particles=S, sleep=True), guide
             )
             sleep_phi = -self.reduce(weights.log_q.mean(0), weights.batch)
             warn_if_nan(sleep_phi, "sleep phi loss")
@@ -261,21 +262,30 @@ _REFUSED = {
 }
 
 
-def _local_only(weights: LogWeights) -> LogWeights:
+def _local_only(weights: LogWeights, guide: Callable) -> LogWeights:
     """`weights`, refused if the program has sample sites outside the batch plate.
 
     The phases detach the guide's draws, so a global point-mass (MAP) site would get
     no gradient from the model, and the wake-theta and sleep losses have no term
     for a site shared by all data: a global site would be silently ignored.
     """
-    if weights.global_log_w is not None:
+    if weights.global_log_w is None:
+        return weights
+    flat = flat_vector_parts(guide)
+    if flat:
         raise BatchPlateError(
-            "ReweightedWakeSleep found sample sites outside the batch plate. Its phases "
-            "detach the guide's draws, so a global point-mass (MAP) site would never learn "
-            "and a global term would be left out of its losses. Make a global point "
-            "estimate a pyro.param in the model, or use batchplate.RenyiELBO / Trace_ELBO."
+            f"ReweightedWakeSleep cannot use {flat[0]} for latents in the batch plate: it "
+            "draws them as one flat vector, a sample site outside the batch plate, and "
+            "computes each datum's log q from that draw before wake-phi can detach it, so "
+            "wake-phi would differentiate through the draw. Use AutoNormal (a site per "
+            "latent in the batch plate) or a hand-written guide."
         )
-    return weights
+    raise BatchPlateError(
+        "ReweightedWakeSleep found sample sites outside the batch plate. Its phases "
+        "detach the guide's draws, so a global point-mass (MAP) site would never learn "
+        "and a global term would be left out of its losses. Make a global point "
+        "estimate a pyro.param in the model, or use batchplate.RenyiELBO / Trace_ELBO."
+    )
 
 
 def check_defensive(defensive: float, estimator: str, insomnia: float) -> float:
