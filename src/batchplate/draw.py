@@ -21,6 +21,7 @@ from pyro.infer.autoguide import AutoGuide
 from pyro.infer.util import site_is_subsample
 from pyro.poutine import Trace
 from pyro.poutine.enum_messenger import EnumMessenger
+from pyro.poutine.messenger import Messenger
 
 from .autoguides import adopt_batch_frames
 from .errors import BatchPlateError
@@ -177,11 +178,29 @@ def wake_pair(
 
 def _wake_traces(run: tuple) -> tuple[Trace, Trace]:
     model, guide, args, kwargs, detach_guide = run
+    if detach_guide:
+        guide = DetachDraws()(guide)
     guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
     if detach_guide:
         guide_trace.detach_()
     replayed = poutine.replay(model, trace=guide_trace)
     return guide_trace, poutine.trace(replayed).get_trace(*args, **kwargs)
+
+
+class DetachDraws(Messenger):
+    """Each draw detached as it is drawn (RWS's wake phase takes the draws as given).
+
+    Detaching the trace afterwards is not enough: a later site's distribution
+    built from an earlier draw (a hierarchical guide's `Normal(z1, s)`, an
+    autoguide's `Delta` with the Jacobian of its auxiliary draw) would keep a
+    reparameterized path back to the guide's parameters, a term wake-phi's
+    gradient does not have.
+    """
+
+    def _postprocess_message(self, msg: dict) -> None:
+        value = msg["value"]
+        if msg["type"] == "sample" and not msg["is_observed"] and isinstance(value, torch.Tensor):
+            msg["value"] = value.detach()
 
 
 def _enumerated_wake(
