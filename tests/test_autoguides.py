@@ -140,6 +140,18 @@ def autoguide_at(kind, model, loc, scale):
     return guide, names
 
 
+def hand_guide(loc, scale, positive):
+    """The autoguides' family written by hand: `Normal`, or `LogNormal` if `positive`."""
+
+    def hand(x):
+        q_loc = pyro.param("loc", loc.clone())
+        q_scale = pyro.param("scale", scale.clone(), constraint=constraints.softplus_positive)
+        with batch_plate("data", N):
+            pyro.sample("w", (dist.LogNormal if positive else dist.Normal)(q_loc, q_scale))
+
+    return hand
+
+
 def step_grads(objective, model, guide, names, seed):
     pyro.set_rng_seed(seed)
     objective.loss_and_grads(model, guide, XF)
@@ -177,11 +189,7 @@ def test_autoguide_sample_path_gradient_equals_the_hand_written_guides(
     scale = torch.linspace(0.2, 0.6, N, dtype=F64)
     model = f64_model(positive)
 
-    def hand(x):
-        q_loc = pyro.param("loc", loc.clone())
-        q_scale = pyro.param("scale", scale.clone(), constraint=constraints.softplus_positive)
-        with batch_plate("data", N):
-            pyro.sample("w", (dist.LogNormal if positive else dist.Normal)(q_loc, q_scale))
+    hand = hand_guide(loc, scale, positive)
 
     kw = dict(num_particles=4, vectorize_particles=vectorize, max_plate_nesting=1)
     pyro.clear_param_store()
@@ -211,11 +219,7 @@ def test_standard_rws_autonormal_gradient_equals_the_hand_written_guides(positiv
     scale = torch.linspace(0.2, 0.6, N, dtype=F64)
     model = f64_model(positive)
 
-    def hand(x):
-        q_loc = pyro.param("loc", loc.clone())
-        q_scale = pyro.param("scale", scale.clone(), constraint=constraints.softplus_positive)
-        with batch_plate("data", N):
-            pyro.sample("w", (dist.LogNormal if positive else dist.Normal)(q_loc, q_scale))
+    hand = hand_guide(loc, scale, positive)
 
     kw = dict(num_particles=4, vectorize_particles=vectorize, max_plate_nesting=1)
     pyro.clear_param_store()
