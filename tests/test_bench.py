@@ -27,3 +27,20 @@ def test_geometric_rows_time_per_particle_stock_and_padded():
     assert all(r["ms_per_step"] > 0 for r in rows)
     assert rows[0]["paired_ratio_to_stock"] > 0
     assert rows[2]["speedup_of_padded"] == pytest.approx(1.0)
+
+
+def test_autobatch_cost_rows_and_floors_run():
+    from batchplate.bench import autobatch
+
+    rows = autobatch._sites_rows(rounds=1)
+    assert [r["program"] for r in rows] == [
+        f"2BK lanes, {n} sites per lane" for n in (1, 2, 5)
+    ] and all(r["ms_per_step"] > 0 for r in rows)
+    for as_lanes in (True, False):
+        autobatch._floor_step(4, 2, as_lanes=as_lanes)(0)  # restores what it replaced
+    import pyro
+    from pyro.distributions.distribution import COERCIONS
+    from torch.distributions import Distribution
+
+    assert pyro.sample.__module__ == "pyro.primitives" and not COERCIONS
+    assert Distribution._validate_args  # the test suite's default, restored

@@ -9,6 +9,8 @@ backward and the Adam update, the methods interleaved in one process
   and the hand-written padded form;
 - PCFG with its GRU guide, reweighted wake-sleep: sequential, autobatch and
   the hand-written padded form;
+- what autobatch itself costs per lane and per site: a program with 1, 2 or
+  5 sites per datum and nothing else, its `2 B K` lane runs (guide and model);
 - how the autobatched geometric step grows with the number of lanes `B * K`
   (64 to 4096);
 - the floor: the geometric program's own Python (`_floor_step`), which any
@@ -24,12 +26,15 @@ import statistics
 from collections.abc import Callable
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.distributions.distribution import COERCIONS
 from torch.distributions import Distribution
 
 import batchplate
+from batchplate import batch_plate
 
+from ..autobatch import autobatch_log_weights
 from ..autobatch._construct import lane_distribution
 from ..examples import geometric, pcfg
 from ..examples._pcfg_programs import PCFG
@@ -102,6 +107,38 @@ def _floor_step(b: int, k: int, as_lanes: bool = True) -> Callable[[int], object
     return step
 
 
+def _sites_program(n: int) -> Callable:
+    """A program with `n` `Bernoulli` sites per datum and nothing else (model = guide):
+    what autobatch costs per lane and per site, apart from any program's own work."""
+    logits = torch.tensor(0.0)
+
+    def program(b: int) -> None:
+        for i in batch_plate("batch", b):
+            for j in range(n):
+                pyro.sample(f"z_{i}_{j}", dist.Bernoulli(logits=logits))
+
+    return program
+
+
+def _sites_rows(rounds: int) -> list[dict]:
+    """ms for the `2 B K` lane runs of `_sites_program(n)` (guide and model, no backward)."""
+    steps = {}
+    for n in (1, 2, 5):
+        program = _sites_program(n)
+        steps[f"{n} sites per lane"] = lambda i, p=program: autobatch_log_weights(
+            p, p, (B,), {}, num_particles=K
+        )
+    times = timing.interleaved(steps, rounds)
+    return [
+        {
+            "program": f"2BK lanes, {name}",
+            "method": "autobatch",
+            "ms_per_step": statistics.median(ms),
+        }
+        for name, ms in times.items()
+    ]
+
+
 def _pcfg_steps() -> dict:
     grammar = PCFG(max_words=12)
     sentences, lengths = pcfg.pad(pcfg.sample_sentences(B, 12, seed=0), 12)
@@ -140,6 +177,7 @@ def main(quick: bool = False) -> list[dict]:
     rows = _rows("geometric", timing.interleaved(steps, rounds))
     pyro.clear_param_store()
     rows += _rows("pcfg", timing.interleaved(_pcfg_steps(), 1 if quick else 3))
+    rows += _sites_rows(rounds)
     for lanes in (64, 256, 1024, 4096):
         pyro.clear_param_store()
         steps = _geometric_steps(
