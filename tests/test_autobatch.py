@@ -161,6 +161,23 @@ def test_inner_plate_mask_scale_and_mixed_sites():
     _check_same(_inner_model, _inner_guide, (x,), K=3, params=params)
 
 
+def test_handlers_around_the_program_apply_to_every_lane():
+    """A handler the caller wraps the program in sits below every lane's own (the
+    lanes' hand-over keeps it): `poutine.scale` and `poutine.mask` around the
+    whole model give the sequential program's numbers."""
+    pyro.clear_param_store()
+    pyro.set_rng_seed(5)
+    x = torch.randn(6, 3)
+    _inner_guide(x)
+    params = (pyro.param("loc").unconstrained(), pyro.param("p").unconstrained())
+    model = poutine.scale(poutine.mask(_inner_model, mask=torch.tensor(True)), scale=0.5)
+    pyro.set_rng_seed(6)
+    log_p, _, _ = _check_same(model, _inner_guide, (x,), K=2, params=params)
+    pyro.set_rng_seed(6)
+    unscaled, _, _ = _check_same(_inner_model, _inner_guide, (x,), K=2)
+    assert torch.allclose(log_p, 0.5 * unscaled, atol=1e-5)
+
+
 def test_pcfg_with_gru_guide_same_weights():
     pyro.clear_param_store()
     pyro.set_rng_seed(5)
