@@ -178,6 +178,24 @@ def test_handlers_around_the_program_apply_to_every_lane():
     assert torch.allclose(log_p, 0.5 * unscaled, atol=1e-5)
 
 
+def test_the_callers_handlers_see_every_lanes_sites():
+    """Handlers active around the objective (here `poutine.scale` around the draw)
+    act on every lane's sites, as on the sequential program's."""
+    x = torch.linspace(-1, 1, 5)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(7)
+    plain = autobatch_log_weights(_normal_model, _normal_guide, (x,), {}, num_particles=3)
+    pyro.set_rng_seed(7)
+    with poutine.scale(scale=0.25):
+        draws: list[dict] = []
+        scaled = autobatch_log_weights(
+            _normal_model, _normal_guide, (x,), {}, num_particles=3, draws=draws
+        )
+        seq_p, seq_q = _sequential_rows(_normal_model, _normal_guide, (x,), draws, {})
+    assert torch.allclose(scaled[0], 0.25 * plain[0]) and torch.allclose(scaled[0], seq_p)
+    assert torch.allclose(scaled[1], 0.25 * plain[1]) and torch.allclose(scaled[1], seq_q)
+
+
 def test_pcfg_with_gru_guide_same_weights():
     pyro.clear_param_store()
     pyro.set_rng_seed(5)

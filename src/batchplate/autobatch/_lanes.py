@@ -1,20 +1,21 @@
-"""Lanes: one greenlet per (particle, datum), each with its own Pyro handler stack.
+"""Lanes: executions of the program per (particle, datum), each with its own Pyro
+handler stack, on reused worker greenlets.
 
 Pyro keeps its handlers in one global list, `_PYRO_STACK`. A lane that
 suspends inside a `with pyro.plate(...)` must find its own handlers when it
-resumes and must not see another lane's, so each lane saves the list's
-contents when it suspends and restores them when it resumes (`Lane.suspend`).
-The list is short (the caller's handlers, `LaneMessenger`, the lane's batch
-plate and inner plates, masks), so the swap costs well under a microsecond;
-the alternative, running lanes without Pyro's stack, would have to
-re-implement plates, broadcasting, masks and scales, and miss any handler a
-user wraps a program in.
+resumes and must not see another lane's: whenever lanes hand over to each
+other, the list holds the phase's base stack (`LaneMessenger` and the
+caller's handlers), and a lane with handlers of its own sets them aside while
+it is suspended (`Lane.suspend`). The alternative, running lanes without
+Pyro's stack, would have to re-implement plates, broadcasting, masks and
+scales, and miss any handler a user wraps a program in.
 
-`LaneMessenger` sits just above the caller's handlers in every lane's stack:
-the lane's own handlers have processed a sample site (frames, broadcasting,
-mask, scale) when it reaches it, and it suspends the lane with the site as
-its request. Parameters are looked up once per step and shared, and calls of
-modules registered with `pyro.module` become requests too (`ModuleProxy`).
+`LaneMessenger` sits at the bottom of every lane's stack, below the caller's
+handlers: the lane's own handlers (frames, broadcasting, mask, scale) and the
+caller's have processed a sample site when it reaches it, as in the
+sequential program, and it suspends the lane with the site as its request.
+Parameters are looked up once per step and shared, and calls of modules
+registered with `pyro.module` become requests too (`ModuleProxy`).
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class Lane:
         # `phase`: the `_phase.Phase` running this lane (not imported: it imports us).
         self.phase, self.k, self.b, self.kwargs = phase, k, b, kwargs
         self.index = index  # flat position `k * B + b` in the `[K, B]` weights
-        self.base_len = phase.base_len  # handlers below the lane's own: the caller's, ours
+        self.base_len = phase.base_len  # handlers below the lane's own: ours, the caller's
+        self.fast_len = phase.fast_len
         self.values: dict[str, Any] = {}  # site name -> value (`Phase.values[index]`)
         self.taken = phase.taken[k]  # the particle's site names -> their datum
 
@@ -410,10 +412,11 @@ _PYRO_MODULE, _PYRO_SAMPLE, _PYRO_PARAM = pyro.module, pyro.sample, pyro.param
 def lane_sample(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     """`pyro.sample` while lanes run.
 
-    A lane without handlers of its own (no inner plate, mask or scale open)
-    skips Pyro's message machinery: the site's frame and scale are the batch
-    plate's, known to the lane. Anything else takes Pyro's path, at the end of
-    which `LaneMessenger` suspends the lane all the same.
+    A lane without handlers of its own (no inner plate, mask or scale open),
+    run by a caller whose handlers ignore sample sites, skips Pyro's message
+    machinery: the site's frame and scale are the batch plate's, known to the
+    lane. Anything else takes Pyro's path, at the end of which `LaneMessenger`
+    suspends the lane all the same.
     """
     worker = getcurrent()
     if type(worker) is not Worker:
@@ -422,7 +425,7 @@ def lane_sample(name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
     if (
         args
         or not lane.in_plate
-        or len(HANDLERS) != lane.base_len
+        or len(HANDLERS) != lane.fast_len
         or (kwargs and not kwargs.keys() <= _FAST_KEYWORDS)
     ):
         return _PYRO_SAMPLE(name, fn, *args, **kwargs)
@@ -455,7 +458,7 @@ class installed:
 
         def param(name: str, *args: Any, **kwargs: Any) -> Any:
             lane = current_lane()
-            if lane is not None and name in shared.params and len(HANDLERS) == lane.base_len:
+            if lane is not None and name in shared.params and len(HANDLERS) == lane.fast_len:
                 return shared.params[name]  # looked up once per draw (LaneMessenger)
             return _PYRO_PARAM(name, *args, **kwargs)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 from greenlet import getcurrent
+from pyro.poutine.trace_messenger import TraceMessenger
 
 from ..errors import BatchPlateError
 from ..plate import BatchFrame, BatchInfo
@@ -84,6 +85,7 @@ class Phase:
     base: list = field(default_factory=list)  # every lane's handler stack when it starts
     dims: list = field(default_factory=list)  # and its plate-dim allocator's
     base_len: int = 0
+    fast_len: int = -1  # the stack's length at which a site may skip Pyro's messages
     pool: list = field(default_factory=list)  # parked workers (`_lanes.pool()`)
 
     # -- lanes -----------------------------------------------------------------
@@ -91,8 +93,12 @@ class Phase:
     def run(self) -> Phase:
         """Run every lane to its end, round by round."""
         outer, dims = HANDLERS[:], DIMS[:]
-        self.base, self.dims = outer + [LaneMessenger(self.shared)], dims
+        # Lanes suspend below the caller's handlers, which see every site as in
+        # the sequential program; sites skip Pyro's messages only where none of
+        # them would act on a sample site (SVI's parameter capture).
+        self.base, self.dims = [LaneMessenger(self.shared)] + outer, dims
         self.base_len = len(self.base)
+        self.fast_len = self.base_len if all(map(_ignores_samples, outer)) else -1
         self.pool = pool()
         self.taken = [{} for _ in range(self.K)]
         HANDLERS[:] = self.base  # every lane starts and resumes on it (`Lane.suspend`)
@@ -294,3 +300,9 @@ class Phase:
                 if i == index and not bool(torch.isfinite(term)):
                     found.append(f"{self.spec.role} '{site[0]}' ({float(term)})")
         return found
+
+
+def _ignores_samples(handler: Any) -> bool:
+    """A caller's handler that does nothing to sample sites (`pyro.infer.SVI`'s
+    parameter capture)."""
+    return type(handler) is TraceMessenger and handler.param_only
