@@ -23,8 +23,9 @@ import torch
 from ..errors import BatchPlateError
 from ..plate import BatchInfo
 from ..validation import non_finite_error
-from ._lanes import Shared, installed, once
+from ._lanes import installed, once
 from ._phase import Phase, PhaseSpec
+from ._shared import Shared
 from ._stack import PARAMS, AutobatchWarning
 
 __all__ = ["PARAMS", "AutobatchWarning", "autobatch_log_weights", "once"]

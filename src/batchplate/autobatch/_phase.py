@@ -27,12 +27,11 @@ from ._lanes import (
     MAX_PARKED,
     Lane,
     LaneMessenger,
-    PlateEntry,
-    Shared,
     Worker,
     pool,
 )
 from ._rounds import answer_round
+from ._shared import PlateEntry, Shared
 
 Terms = list[tuple[list[int], torch.Tensor]]
 
