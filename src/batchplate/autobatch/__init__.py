@@ -1,12 +1,13 @@
 """Automatic batching: run a sequential batch-plate program over all `K x B` lanes at once.
 
 A program written with a sequential batch plate (`for i in batch_plate(...)`),
-exactly as for one datum at a time, runs as one greenlet per lane (particle
-`k`, datum `b`) in which the plate's loop yields only that lane's datum. Every
+exactly as for one datum at a time, runs once per lane (particle `k`, datum
+`b`), on reused worker greenlets, the plate's loop yielding only that lane's
+datum (`_lanes`, `_phase`). Every
 `pyro.sample` and every call of a module registered with `pyro.module`
 suspends its lane; when all live lanes are suspended, their requests are
 grouped by what can be computed together and each group runs as one tensor
-operation. The result is the `[K, B]` `LogWeights` of the Contract page, the
+operation (`_rounds`, `_stack`). The result is the `[K, B]` `LogWeights` of the Contract page, the
 same numbers as the sequential program's on the same draws. See the
 Automatic batching page (docs/autobatch.md).
 """
