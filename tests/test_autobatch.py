@@ -429,3 +429,49 @@ def test_stacker_returns_the_unbound_tensor_only_for_its_views_in_order():
     for other in (views[::-1], views[:3], views[:2] + (views[0].clone(), views[3])):
         stacked = stacker.stack(list(other))
         assert stacked is not base and torch.equal(stacked, torch.stack(other))
+
+
+# Valid sequential programs from Pyro's tests/infer/test_valid_models.py
+# (test_iplate_ok, test_iplate_iplate_ok, test_iplate_plate_ok), the outer plate
+# marked as the batch plate: autobatch gives the sequential program's numbers.
+
+
+def _iplate(model_p=None):
+    def program():
+        p = torch.tensor(0.5) if model_p is None else pyro.param("p", torch.tensor(0.5))
+        for i in batch_plate("plate", 4):
+            pyro.sample("x_{}".format(i), dist.Bernoulli(p))
+
+    return program
+
+
+def _iplate_iplate(model_p=None):
+    def program():
+        p = torch.tensor(0.5) if model_p is None else pyro.param("p", torch.tensor(0.5))
+        outer_iplate = batch_plate("plate_0", 3)
+        inner_iplate = pyro.plate("plate_1", 3)
+        for i in outer_iplate:
+            for j in inner_iplate:
+                pyro.sample("x_{}_{}".format(i, j), dist.Bernoulli(p))
+
+    return program
+
+
+def _iplate_plate(model_p=None):
+    def program():
+        p = torch.tensor(0.5) if model_p is None else pyro.param("p", torch.tensor(0.5))
+        inner_plate = pyro.plate("plate", 3)
+        for i in batch_plate("iplate", 3):
+            with inner_plate as ind:
+                pyro.sample("x_{}".format(i), dist.Bernoulli(p).expand_by([len(ind)]))
+
+    return program
+
+
+@pytest.mark.parametrize("make", [_iplate, _iplate_iplate, _iplate_plate])
+def test_pyro_valid_sequential_programs_same_weights(make):
+    pyro.clear_param_store()
+    guide = make(model_p=True)
+    guide()  # creates the guide's parameter
+    pyro.set_rng_seed(9)
+    _check_same(make(), guide, (), K=3, params=(pyro.param("p").unconstrained(),))
