@@ -440,7 +440,7 @@ def _iplate(model_p=None):
     def program():
         p = torch.tensor(0.5) if model_p is None else pyro.param("p", torch.tensor(0.5))
         for i in batch_plate("plate", 4):
-            pyro.sample("x_{}".format(i), dist.Bernoulli(p))
+            pyro.sample(f"x_{i}", dist.Bernoulli(p))
 
     return program
 
@@ -452,7 +452,7 @@ def _iplate_iplate(model_p=None):
         inner_iplate = pyro.plate("plate_1", 3)
         for i in outer_iplate:
             for j in inner_iplate:
-                pyro.sample("x_{}_{}".format(i, j), dist.Bernoulli(p))
+                pyro.sample(f"x_{i}_{j}", dist.Bernoulli(p))
 
     return program
 
@@ -463,7 +463,7 @@ def _iplate_plate(model_p=None):
         inner_plate = pyro.plate("plate", 3)
         for i in batch_plate("iplate", 3):
             with inner_plate as ind:
-                pyro.sample("x_{}".format(i), dist.Bernoulli(p).expand_by([len(ind)]))
+                pyro.sample(f"x_{i}", dist.Bernoulli(p).expand_by([len(ind)]))
 
     return program
 
