@@ -37,20 +37,25 @@ class Shared:
         return self.subsample[name]
 
     def minibatch(
-        self, name: str, size: int, subsample_size: int | None, subsample: Any
+        self,
+        name: str,
+        size: int,
+        subsample_size: int | None,
+        subsample: Any,
+        device: str | None = None,
     ) -> tuple[int, Any]:
         """`(B, indices)` of a batch plate built in a lane, as Pyro's plate would set
-        them, the indices drawn once per draw (or given)."""
+        them (on the plate's device), the indices drawn once per draw (or given)."""
         if subsample is None and subsample_size is not None and subsample_size < size:
-            if name not in self.subsample:
-                self.subsample[name] = torch.randperm(size)[:subsample_size]  # as Pyro's plate
+            if name not in self.subsample:  # as Pyro's plate draws them
+                self.subsample[name] = torch.randperm(size, device=device)[:subsample_size]
             subsample = self.subsample[name]
         elif subsample is not None:
             self.subsample.setdefault(name, subsample)
         if subsample is None:  # Pyro's plate would build `arange(size)` in every lane
             key = ("arange", name, size)
             if key not in self.subsample:
-                self.subsample[key] = torch.arange(size)
+                self.subsample[key] = torch.arange(size, device=device)
             return size, self.subsample[key]
         return len(subsample), subsample
 
@@ -79,7 +84,7 @@ class Shared:
         found = self.plate_states.get(key)
         if found is None or found[0] is not subsample:  # kept alive: its id stays its own
             check_sizes(name, size, subsample_size, subsample)
-            batch, indices = self.minibatch(name, size, subsample_size, subsample)
+            batch, indices = self.minibatch(name, size, subsample_size, subsample, device)
             state = dict(vars(IndepMessenger(name, size, dim, device)))
             state.update(subsample_size=batch, _indices=indices)
             found = self.plate_states[key] = (subsample, state)
