@@ -4,7 +4,7 @@ A round's requests are grouped by what can be computed together (not by site
 name, which differs per datum): sample sites by distribution type, parameter
 shapes, where the value comes from (drawn, replayed, observed), mask and
 scale; module calls by module, method and argument shapes. A group keeps its
-members in parallel lists, so that each step over the group (stacking,
+members in parallel tuples, so that each step over the group (stacking,
 scales, lane indices) is one pass in C rather than one Python step per lane
 and per step. Each lane's answer is left on the lane (`Lane.answer`).
 """
