@@ -475,3 +475,56 @@ def test_pyro_valid_sequential_programs_same_weights(make):
     guide()  # creates the guide's parameter
     pyro.set_rng_seed(9)
     _check_same(make(), guide, (), K=3, params=(pyro.param("p").unconstrained(),))
+
+
+def _carrying_guide(x):
+    """Datum b's distribution depends on datum b-1's draw: state carried across
+    the iterations of the batch plate's loop, which a lane does not see."""
+    loc = pyro.param("loc", torch.tensor(0.3))
+    carried = torch.tensor(0.0)
+    for b in batch_plate("data", len(x)):
+        carried = pyro.sample(f"z_{b}", dist.Normal(loc + carried, 1.0))
+
+
+def _noisy_guide(x):
+    """Randomness outside sample sites (as dropout): valid, not comparable on replay."""
+    loc = pyro.param("loc", torch.tensor(0.3))
+    for b in batch_plate("data", len(x)):
+        pyro.sample(f"z_{b}", dist.Normal(loc + 0.1 * torch.rand(()), 1.0))
+
+
+def test_an_objective_checks_autobatch_once_against_the_sequential_program():
+    x = torch.linspace(-1, 1, 5)
+    pyro.clear_param_store()
+    loss = batchplate.RenyiELBO(alpha=0, num_particles=3, vectorize_particles=True, autobatch=True)
+    with pytest.raises(BatchPlateError, match=r"disagree .* data \[1, 2, 3, 4\].*carried"):
+        loss.loss_and_grads(_normal_model, _carrying_guide, x)
+    for guide in (_normal_guide, _noisy_guide):  # checked once, then not again
+        loss.loss_and_grads(_normal_model, guide, x)
+        assert (_normal_model, guide) in loss._autobatch_checked
+
+
+def test_the_once_check_replays_a_subsampled_minibatch():
+    data = torch.linspace(-2, 2, 20)
+
+    def model():
+        for b in batch_plate("data", 20, subsample_size=5):
+            z = pyro.sample(f"z_{b}", dist.Normal(0.0, 1.0))
+            pyro.sample(f"x_{b}", dist.Normal(z, 1.0), obs=data[b])
+
+    def guide():
+        loc = pyro.param("loc", torch.zeros(20))
+        for b in batch_plate("data", 20, subsample_size=5):
+            pyro.sample(f"z_{b}", dist.Normal(loc[b], 1.0))
+
+    def carrying_guide():
+        carried = pyro.param("loc", torch.zeros(20))[0]
+        for b in batch_plate("data", 20, subsample_size=5):
+            carried = pyro.sample(f"z_{b}", dist.Normal(carried, 1.0))
+
+    pyro.clear_param_store()
+    loss = batchplate.RenyiELBO(alpha=0, num_particles=2, vectorize_particles=True, autobatch=True)
+    loss.loss_and_grads(model, guide)  # the minibatch drawn once, replayed by the check
+    assert (model, guide) in loss._autobatch_checked
+    with pytest.raises(BatchPlateError, match="disagree"):  # compared on that minibatch
+        loss.loss_and_grads(model, carrying_guide)

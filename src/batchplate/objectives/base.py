@@ -26,6 +26,7 @@ from pyro.poutine.messenger import Messenger
 from ..autobatch import autobatch_log_weights
 from ..draw import Enumeration, Pair, Particles, draw_particles, plate_nesting
 from ..plate import BatchInfo, check_positive_int
+from ..sequential_check import check_against_sequential
 from ..validation import (
     NoSampleSitesError,
     global_latent_error,
@@ -166,6 +167,7 @@ class BatchObjective(ELBO):
         self._baselines_checked: set[int] = set()
         self._enumeration_unchecked = strict_enumeration_warning is True
         self._enumeration = Enumeration()  # learned on the first draw, reused after
+        self._autobatch_checked: set[tuple] = set()  # (model, guide) pairs checked once
 
     # -- draw, check, reduce ---------------------------------------------------
 
@@ -257,9 +259,11 @@ class BatchObjective(ELBO):
                 f"{type(self).__name__} needs {what}, which autobatch does not provide yet; "
                 "use autobatch=False"
             )
-        fixed = None
+        fixed = {}  # filled with the draw's minibatch
         if subsample is not None:
             fixed = {n: s["value"] for n, s in subsample.nodes.items() if s["type"] == "sample"}
+        check = not sleep and (model, guide) not in self._autobatch_checked
+        draws: list[dict] | None = [] if check else None
         drawn = autobatch_log_weights(
             model,
             guide,
@@ -270,7 +274,12 @@ class BatchObjective(ELBO):
             sleep=sleep,
             detach_guide=detach_guide,
             subsample=fixed,
+            draws=draws,
         )
+        if check:  # once per pair: lanes must not carry state between data
+            log_w = drawn[0] - drawn[1]
+            check_against_sequential(model, guide, args, kwargs, log_w, draws[0], fixed, drawn[3])
+            self._autobatch_checked.add((model, guide))
         return LogWeights(*drawn)
 
     def reduce(
